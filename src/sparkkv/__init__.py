@@ -1,0 +1,37 @@
+"""sparkkv: SparK channel-pruned KV cache for Hugging Face transformers.
+
+Importing the package registers the `"sparkkv"` attention function (and its mask function)
+with transformers, so `attn_implementation="sparkkv"` works in `from_pretrained`/`from_config`.
+
+    import sparkkv
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sparkkv")
+    cache = sparkkv.SparKCache(sparkkv.SparKConfig(key_prune_ratio=0.8))
+    out = model.generate(**inputs, past_key_values=cache)
+"""
+
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import sparkkv_attention_forward
+from .cache import SparKCache, SparKLayer
+from .config import SparKConfig
+from .method import compress_keys, compress_values
+from .packed import ColumnPackedTensor, PackedTensor
+
+ATTN_IMPLEMENTATION = "sparkkv"
+
+# The attention function accepts SDPA's boolean masks (True = attend), so it reuses SDPA's mask.
+AttentionInterface.register(ATTN_IMPLEMENTATION, sparkkv_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "ColumnPackedTensor",
+    "PackedTensor",
+    "SparKCache",
+    "SparKConfig",
+    "SparKLayer",
+    "compress_keys",
+    "compress_values",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,237 @@
+"""`SparKConfig`: one validated dataclass that names a compression configuration.
+
+The same names are used by the library, the CLI and result files. A configuration is
+`method` (which token-eviction policy and which channel policy) plus the numbers that
+parametrise them. Everything is checked in `__post_init__`, so a bad value fails where the
+user typed it, with a message naming the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+SALIENCY_FORMS = ("squared", "paper")
+SELECTIONS = ("ratio", "top_p", "grouped")
+RECOVERIES = ("mean", "zero", "constant", "exponential", "normal")
+
+# method = "[<eviction>+]<channel>"; "dense" means no compression at all.
+EVICTIONS = ("snapkv", "pyramidkv", "streamingllm")
+CHANNEL_POLICIES = ("spark", "think", "none")
+
+
+def parse_method(method: str) -> tuple[str | None, str]:
+    """Split a method name into `(eviction or None, channel policy)`.
+
+    Accepted spellings: `"spark"`, `"think"`, `"dense"`, `"snapkv"` (eviction only, same as
+    `"snapkv+none"`), `"snapkv+spark"`, `"pyramidkv+think"`, `"streamingllm+spark"`, ...
+    `"dense"` is returned as `(None, "dense")`.
+    """
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {type(method).__name__}")
+    name = method.strip().lower()
+    if name == "dense":
+        return None, "dense"
+    parts = name.split("+")
+    allowed = (
+        f"'dense', a channel policy {CHANNEL_POLICIES}, an eviction {EVICTIONS}, "
+        f"or '<eviction>+<channel policy>' such as 'snapkv+spark'"
+    )
+    if len(parts) == 1:
+        (part,) = parts
+        if part in EVICTIONS:
+            return part, "none"
+        if part in CHANNEL_POLICIES:
+            return None, part
+        raise ValueError(f"unknown method {method!r}: expected {allowed}")
+    if len(parts) == 2 and parts[0] in EVICTIONS and parts[1] in CHANNEL_POLICIES:
+        return parts[0], parts[1]
+    raise ValueError(f"unknown method {method!r}: expected {allowed}")
+
+
+def pruned_count(ratio: float, dim: int) -> int:
+    """`floor(ratio * dim)`, tolerant to float noise (0.7 * 30 = 20.999999999999996 -> 21)."""
+    return int(math.floor(ratio * dim + 1e-9))
+
+
+@dataclass(frozen=True)
+class SparKConfig:
+    """How to compress the KV cache.
+
+    Channel pruning (method.md sections 3-6):
+        key_prune_ratio: fraction `lam` of key channels pruned per token, in [0, 1).
+            `P = floor(lam * D)` pruned, `T = D - P` kept (0.5 -> 64 of 128, 0.8 -> 26 of 128).
+            Used by `selection="ratio"` and by ThinK.
+        window_size: number `W` of last prompt queries that score the channels (>= 1).
+        saliency: "squared" (`K^2 * ||q_c||`, the released code, default) or
+            "paper" (`|K| * ||q_c||`, the paper's formula).
+        selection: "ratio" (fixed T per token, the headline method), "top_p" (keep channels until
+            their saliency reaches `top_p` of the token's total), "grouped" (bucket tokens by how
+            many channels hold `grouped_mass` of their saliency; keeps 10/30/50/70/90% of D).
+        top_p: saliency mass kept by `selection="top_p"`, in (0, 1].
+        grouped_mass: saliency mass that defines `n99` for `selection="grouped"`, in (0, 1].
+        recovery: what a pruned key entry contributes: "mean" (default), "zero", "constant",
+            "exponential" or "normal" (seeded sampled ablations; these store one value per
+            pruned entry, so they save no memory: accuracy studies only).
+        recovery_constant: magnitude used by `recovery="constant"` (> 0, default 0.01).
+        value_prune_ratio: fraction of value channels pruned per token with mean fill, in [0, 1)
+            (0 = values stay dense, the default and the paper's headline setting).
+        seed: seed of the sampled recoveries.
+
+    Decode:
+        compress_decode: compress generated tokens too. They enter a dense tail; when the tail
+            holds more than `block_size` tokens its oldest `block_size` are compressed with the
+            query norms stored at prefill. False keeps every generated token dense (the paper).
+        block_size: tokens compressed at a time from the dense tail (>= 1).
+
+    Token eviction (applied at the end of prefill, before channel pruning):
+        method: "[<eviction>+]<channel policy>"; see `parse_method`. Default "spark".
+        token_budget: tokens kept per layer and kv-head after eviction: an int >= 1, or a float in
+            (0, 1) meaning that fraction of the prompt. Required by an eviction method.
+        eviction_window: SnapKV/PyramidKV observation window (last prompt tokens, always kept).
+        pool_kernel: SnapKV's 1-D average-pool kernel size (odd, >= 1).
+        pyramid_beta: PyramidKV's beta (budget of the deepest layer is budget / beta).
+        sink_tokens: StreamingLLM's number of initial tokens always kept.
+    """
+
+    method: str = "spark"
+    key_prune_ratio: float = 0.5
+    window_size: int = 32
+    saliency: str = "squared"
+    selection: str = "ratio"
+    top_p: float = 0.9
+    grouped_mass: float = 0.99
+    recovery: str = "mean"
+    recovery_constant: float = 0.01
+    value_prune_ratio: float = 0.0
+    seed: int = 0
+    compress_decode: bool = True
+    block_size: int = 64
+    token_budget: int | float | None = None
+    eviction_window: int = 64
+    pool_kernel: int = 5
+    pyramid_beta: float = 20.0
+    sink_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        eviction, channel = parse_method(self.method)
+        _check_fraction("key_prune_ratio", self.key_prune_ratio)
+        _check_fraction("value_prune_ratio", self.value_prune_ratio)
+        _check_int("window_size", self.window_size, 1)
+        _check_choice("saliency", self.saliency, SALIENCY_FORMS)
+        _check_choice("selection", self.selection, SELECTIONS)
+        _check_choice("recovery", self.recovery, RECOVERIES)
+        _check_mass("top_p", self.top_p)
+        _check_mass("grouped_mass", self.grouped_mass)
+        if not _is_real(self.recovery_constant) or not (self.recovery_constant > 0 and math.isfinite(self.recovery_constant)):
+            raise ValueError(f"recovery_constant must be a finite number > 0, got {self.recovery_constant!r}")
+        _check_int("seed", self.seed, 0)
+        if not isinstance(self.compress_decode, bool):
+            raise TypeError(f"compress_decode must be a bool, got {self.compress_decode!r}")
+        _check_int("block_size", self.block_size, 1)
+        _check_int("eviction_window", self.eviction_window, 1)
+        _check_int("pool_kernel", self.pool_kernel, 1)
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd (the pool keeps the sequence length), got {self.pool_kernel}")
+        if not _is_real(self.pyramid_beta) or not self.pyramid_beta >= 1:
+            raise ValueError(f"pyramid_beta must be a number >= 1, got {self.pyramid_beta!r}")
+        _check_int("sink_tokens", self.sink_tokens, 0)
+        budget = self.token_budget
+        if budget is not None:
+            if isinstance(budget, bool) or not _is_real(budget):
+                raise TypeError(f"token_budget must be an int >= 1, a float in (0, 1), or None; got {budget!r}")
+            if isinstance(budget, int):
+                if budget < 1:
+                    raise ValueError(f"token_budget must be >= 1 tokens (or a fraction in (0, 1)), got {budget}")
+            elif not 0 < budget < 1:
+                raise ValueError(
+                    f"a float token_budget is a fraction of the prompt and must be in (0, 1), got {budget!r}; "
+                    "give an int for a token count"
+                )
+        if eviction is not None and budget is None:
+            raise ValueError(f"method {self.method!r} evicts tokens and needs token_budget (an int or a fraction in (0, 1))")
+        if eviction is None and budget is not None:
+            raise ValueError(
+                f"token_budget={budget!r} given but method {self.method!r} has no eviction; "
+                f"use e.g. 'snapkv+{channel if channel != 'dense' else 'none'}'"
+            )
+        if isinstance(budget, int) and eviction in ("snapkv", "pyramidkv") and budget < self.eviction_window:
+            raise ValueError(
+                f"token_budget={budget} is smaller than eviction_window={self.eviction_window}: "
+                "SnapKV/PyramidKV always keep the whole observation window"
+            )
+        if isinstance(budget, int) and eviction == "streamingllm" and budget <= self.sink_tokens:
+            raise ValueError(f"token_budget={budget} must exceed sink_tokens={self.sink_tokens} for streamingllm")
+        if channel != "spark" and self.selection != "ratio":
+            raise ValueError(f"selection={self.selection!r} applies to the 'spark' channel policy only, not {channel!r}")
+        if self.value_prune_ratio > 0 and channel != "spark":
+            raise ValueError(f"value_prune_ratio applies to the 'spark' channel policy only, not {channel!r}")
+
+    # --- derived names -------------------------------------------------------------------------
+    @property
+    def eviction(self) -> str | None:
+        """The token-eviction policy (`None` when tokens are not evicted)."""
+        return parse_method(self.method)[0]
+
+    @property
+    def channel_policy(self) -> str:
+        """'spark', 'think', 'none' (eviction only) or 'dense' (no compression)."""
+        return parse_method(self.method)[1]
+
+    @property
+    def name(self) -> str:
+        """A short label for tables and result files, e.g. 'snapkv+spark k0.8 b512'."""
+        eviction, channel = parse_method(self.method)
+        label = channel if eviction is None else f"{eviction}+{channel}"
+        if channel in ("spark", "think"):
+            label += f" k{self.key_prune_ratio:g}"
+            if self.value_prune_ratio:
+                label += f" v{self.value_prune_ratio:g}"
+        if channel == "spark":
+            if self.selection != "ratio":
+                label += f" {self.selection}"
+            if self.recovery != "mean":
+                label += f" {self.recovery}"
+        if self.token_budget is not None:
+            label += f" b{self.token_budget:g}"
+        return label
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SparKConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SparKConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "SparKConfig":
+        return replace(self, **changes)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_fraction(name: str, value) -> None:
+    if not _is_real(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def _check_mass(name: str, value) -> None:
+    if not _is_real(value) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: expected one of {list(choices)}")

@@ -1,0 +1,279 @@
+"""SparK, the method, in one place: saliency -> select -> recover -> pack.
+
+Shapes (method.md section 2): keys `K [B, Hkv, S, D]` after RoPE (and any key norm), window
+queries `Qw [B, Hq, W, D]` after RoPE and the model's own query norm, `Hq = G * Hkv`.
+Arithmetic runs in float32 whatever the model dtype; only the packed values keep it.
+
+    qn   = window_query_norm(Qw, Hkv)           # [B, Hkv, D]   ||mean_G(Qw)[:, c]||_2 over the window
+    s    = saliency(K, qn)                      # [B, Hkv, S, D] K^2 * qn   (or |K| * qn)
+    keep = select_channels(s, config)           # [B, Hkv, S, D] bool, per token
+    rec  = recover(K, s, keep, qn, config)      # what the pruned entries become
+    out  = PackedTensor.from_dense(K, keep, ...)  # kept values + bit masks + one scalar per token
+
+`compress_keys` runs the four steps. `compress_values` is the optional value pruning
+(section 6) and `think_keep_mask` the structured ThinK baseline's channel choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import SparKConfig, pruned_count
+from .packed import PackedTensor
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. saliency
+# ---------------------------------------------------------------------------------------------
+def window_query_norm(
+    window_queries: torch.Tensor, num_kv_heads: int, window_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-channel query norm over the window, GQA-pooled: `[B, Hq, W, D]` -> float32 `[B, Hkv, D]`.
+
+    The query vectors of a GQA group are averaged first (not their norms), then the L2 norm
+    over the window is taken per channel. `window_mask [B, W]` (bool) drops padded queries.
+    """
+    if window_queries.dim() != 4:
+        raise ValueError(f"window_queries must be [B, Hq, W, D], got shape {tuple(window_queries.shape)}")
+    b, hq, w, d = window_queries.shape
+    if num_kv_heads < 1 or hq % num_kv_heads:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({num_kv_heads})")
+    pooled = window_queries.float().reshape(b, num_kv_heads, hq // num_kv_heads, w, d).mean(dim=2)
+    if window_mask is not None:
+        pooled = pooled * window_mask.to(pooled.device, torch.float32).reshape(b, 1, w, 1)
+    return pooled.norm(dim=2)
+
+
+def saliency(keys: torch.Tensor, qn: torch.Tensor, form: str = "squared") -> torch.Tensor:
+    """Per-token, per-channel saliency: `K^2 * qn` ("squared", the released code) or `|K| * qn`
+    ("paper"). keys `[B, Hkv, S, D]`, qn `[B, Hkv, D]` -> float32 `[B, Hkv, S, D]`."""
+    k = keys.float()
+    magnitude = k * k if form == "squared" else k.abs()
+    return magnitude * qn.float().unsqueeze(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. selection
+# ---------------------------------------------------------------------------------------------
+def _mask_from_counts(s: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Keep the `counts[b, h, t]` most salient channels of every row."""
+    order = s.argsort(dim=-1, descending=True, stable=True)
+    rank_keep = torch.arange(s.shape[-1], device=s.device) < counts.unsqueeze(-1)
+    return torch.zeros_like(rank_keep).scatter_(-1, order, rank_keep)
+
+
+def _mass_count(s: torch.Tensor, mass: float) -> torch.Tensor:
+    """Smallest number of top channels whose saliency reaches `mass` of the row total (>= 1)."""
+    sorted_s = s.sort(dim=-1, descending=True).values
+    cum = sorted_s.cumsum(-1)
+    target = cum[..., -1:] * mass
+    below = (cum < target * (1 - 1e-6)).sum(-1)  # tolerance: cum of a float32 row can miss its own total
+    return (below + 1).clamp(max=s.shape[-1])
+
+
+GROUPED_BOUNDS = (0.2, 0.4, 0.6, 0.8)
+GROUPED_KEEP = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+def select_channels(s: torch.Tensor, config: SparKConfig) -> torch.Tensor:
+    """Which channels every token keeps: float `[B, H, S, D]` -> bool `[B, H, S, D]`.
+
+    ratio:   the `T = D - floor(lam * D)` most salient channels of each token.
+    top_p:   channels in descending saliency until their sum reaches `top_p` of the token's total.
+    grouped: `n99` = channels holding `grouped_mass` of the saliency; tokens with
+             n99 <= 0.2D, 0.4D, 0.6D, 0.8D, above keep floor(0.1, 0.3, 0.5, 0.7, 0.9 * D).
+    """
+    d = s.shape[-1]
+    if config.selection == "ratio":
+        t = d - pruned_count(config.key_prune_ratio, d)
+        if t == d:
+            return torch.ones_like(s, dtype=torch.bool)
+        idx = s.topk(t, dim=-1, sorted=False).indices
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+    if config.selection == "top_p":
+        return _mask_from_counts(s, _mass_count(s, config.top_p))
+    # grouped
+    n99 = _mass_count(s, config.grouped_mass)
+    bounds = torch.tensor([pruned_count(f, d) for f in GROUPED_BOUNDS], device=s.device)
+    keep_sizes = torch.tensor([max(1, pruned_count(f, d)) for f in GROUPED_KEEP], device=s.device)
+    bucket = torch.bucketize(n99, bounds, right=False)  # n99 <= 0.2D -> 0, ..., > 0.8D -> 4
+    return _mask_from_counts(s, keep_sizes[bucket])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. recovery
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Recovery:
+    """What the pruned entries become, in the packed fields' terms (see `packed.py`)."""
+
+    sign: torch.Tensor | None = None  # bool [B, H, S, D], True = positive
+    scale: torch.Tensor | None = None  # [B, H, S]
+    chan: torch.Tensor | None = None  # [B, H, D]
+    fill: torch.Tensor | None = None  # [B, H, S, D] explicit values (sampled recoveries)
+
+
+def inverse_saliency_factor(qn: torch.Tensor, form: str) -> torch.Tensor:
+    """`chan[c]` such that `sign * scale_t * chan[c]` has saliency `scale_t^2` (squared) or
+    `scale_t` (paper): `1/sqrt(qn)` or `1/qn`; 0 where `qn == 0`, so that a channel no window
+    query uses recovers to 0 instead of inf/NaN."""
+    qn = qn.float()
+    inv = qn.rsqrt() if form == "squared" else qn.reciprocal()
+    return torch.where(qn > 0, inv, torch.zeros_like(inv))
+
+
+def _magnitude_from_saliency(w: torch.Tensor, qn: torch.Tensor, form: str) -> torch.Tensor:
+    """Key magnitude whose saliency is `w` on each channel."""
+    chan = inverse_saliency_factor(qn, form).unsqueeze(2)
+    return (w.clamp_min(0).sqrt() if form == "squared" else w) * chan
+
+
+def recover(
+    keys: torch.Tensor,
+    s: torch.Tensor,
+    keep: torch.Tensor,
+    qn: torch.Tensor,
+    config: SparKConfig,
+    generator: torch.Generator | None = None,
+) -> Recovery:
+    """Recovery of the pruned entries (method.md section 5).
+
+    mean:     `a_t = mean_{c pruned} s[t, c]`; entry -> `sign(K) * sqrt(a_t / qn[c])`
+              (`a_t / qn[c]` for the paper's saliency form). Stored as `scale_t = sqrt(a_t)` and
+              `chan = 1/sqrt(qn)`. `sign(0)` counts as negative, as in the released code.
+    zero:     0 (no recovery; what ThinK does).
+    constant: `sign(K) * recovery_constant`.
+    exponential / normal: per token, draw the pruned saliencies from an exponential (mean
+              `a_t`) or a normal (mean, std of the pruned saliencies) distribution, clip to
+              [0, keep threshold], assign by rank to the pruned channels, map back with the sign.
+    """
+    positive = keys > 0
+    pruned = ~keep
+    if config.recovery == "zero":
+        return Recovery()
+    if config.recovery == "constant":
+        b, h, _, d = keys.shape
+        chan = torch.full((b, h, d), float(config.recovery_constant), device=keys.device)
+        return Recovery(sign=positive, chan=chan)
+    if config.recovery == "mean":
+        n_pruned = pruned.sum(-1)
+        a = (s * pruned).sum(-1) / n_pruned.clamp_min(1)
+        scale = a.sqrt() if config.saliency == "squared" else a
+        return Recovery(sign=positive, scale=scale, chan=inverse_saliency_factor(qn, config.saliency))
+    return Recovery(fill=_sampled_fill(keys, s, keep, qn, config, generator))
+
+
+def _sampled_fill(keys, s, keep, qn, config, generator) -> torch.Tensor:
+    """Sampled recovery (ablation), see `recover`. The distribution is fitted to the token's
+    *pruned* saliencies (exponential: same mean `a_t` as mean recovery; normal: their mean and
+    std); fitting to all saliencies puts most draws above the keep threshold, where the clip
+    collapses them to one value. Draws on the CPU, so a seed reproduces on every device."""
+    d = s.shape[-1]
+    rows = s.reshape(-1, d).cpu()
+    pruned = ~keep.reshape(-1, d).cpu()
+    if generator is None:
+        generator = torch.Generator().manual_seed(config.seed)
+    n_pruned = pruned.sum(-1, keepdim=True)
+    mean = (rows * pruned).sum(-1, keepdim=True) / n_pruned.clamp_min(1)
+    if config.recovery == "exponential":
+        draws = -torch.log1p(-torch.rand(rows.shape, generator=generator)) * mean
+    else:
+        var = ((rows - mean) ** 2 * pruned).sum(-1, keepdim=True) / n_pruned.clamp_min(1)
+        draws = mean + var.sqrt() * torch.randn(rows.shape, generator=generator)
+    threshold = torch.where(pruned, torch.full_like(rows, float("inf")), rows).amin(-1, keepdim=True)
+    threshold = torch.where(torch.isinf(threshold), rows.amax(-1, keepdim=True), threshold)
+    draws = torch.minimum(draws.clamp_min(0), threshold)
+    # Assign by rank: the largest draw goes to the most salient pruned channel. Kept channels are
+    # pushed to the end of the order, so pruned channel j (by saliency) gets the j-th largest draw.
+    order_true = torch.where(pruned, rows, torch.full_like(rows, -1.0)).argsort(dim=-1, descending=True, stable=True)
+    ranked_draws = draws.sort(-1, descending=True).values
+    ranked_draws = torch.where(torch.arange(d) < n_pruned, ranked_draws, torch.zeros_like(ranked_draws))
+    w = torch.zeros_like(rows).scatter_(-1, order_true, ranked_draws).reshape(s.shape).to(s.device)
+    sign = torch.where(keys > 0, 1.0, -1.0)
+    return (sign * _magnitude_from_saliency(w, qn, config.saliency)) * (~keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the whole pipeline
+# ---------------------------------------------------------------------------------------------
+def check_head_dim(d: int) -> None:
+    if d < 8 or d % 8:
+        raise ValueError(f"head_dim={d} cannot be packed: sparkkv stores one bit per channel in bytes, so head_dim must be a positive multiple of 8")
+
+
+def compress_keys(
+    keys: torch.Tensor,
+    window_queries: torch.Tensor | None,
+    config: SparKConfig | None = None,
+    *,
+    window_mask: torch.Tensor | None = None,
+    qn: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> PackedTensor:
+    """Prune and pack keys with SparK.
+
+    keys `[B, Hkv, S, D]`; window_queries `[B, Hq, W, D]` (the last W prompt queries, after
+    RoPE and the model's query norm); `window_mask [B, W]` marks real (non-padding) queries.
+    Pass `qn [B, Hkv, D]` instead of the queries to reuse stored query norms (decode blocks).
+    Returns a `PackedTensor`: `.dense()` -> `[B, Hkv, S, D]` keys attention sees, `.nbytes`.
+    """
+    config = config or SparKConfig()
+    if keys.dim() != 4:
+        raise ValueError(f"keys must be [B, Hkv, S, D], got shape {tuple(keys.shape)}")
+    check_head_dim(keys.shape[-1])
+    if qn is None:
+        if window_queries is None:
+            raise ValueError("compress_keys needs window_queries or qn")
+        if window_queries.shape[0] != keys.shape[0] or window_queries.shape[-1] != keys.shape[-1]:
+            raise ValueError(
+                f"window_queries {tuple(window_queries.shape)} do not match keys {tuple(keys.shape)} in batch or head_dim"
+            )
+        qn = window_query_norm(window_queries, keys.shape[1], window_mask)
+    s = saliency(keys, qn, config.saliency)
+    keep = select_channels(s, config)
+    rec = recover(keys, s, keep, qn, config, generator)
+    return PackedTensor.from_dense(keys, keep, sign=rec.sign, scale=rec.scale, chan=rec.chan, fill=rec.fill)
+
+
+def value_scores(values: torch.Tensor) -> torch.Tensor:
+    """Query-agnostic value importance (the released code's heuristic, section 6):
+    `0.7 * |v| + 0.3 * diversity / max(diversity)`, where diversity[t, c] is the variance of
+    channel c across the tokens plus the variance of token t across the channels."""
+    v = values.float()
+    var_seq = v.var(dim=2, unbiased=False, keepdim=True) if v.shape[2] > 1 else torch.zeros_like(v[:, :, :1])
+    var_chan = v.var(dim=3, unbiased=False, keepdim=True)
+    diversity = var_seq + var_chan
+    peak = diversity.amax(dim=(2, 3), keepdim=True)
+    diversity = torch.where(peak > 0, diversity / peak.clamp_min(1e-30), torch.zeros_like(diversity))
+    return 0.7 * v.abs() + 0.3 * diversity
+
+
+def compress_values(values: torch.Tensor, ratio: float) -> PackedTensor:
+    """Prune `floor(ratio * D)` value channels per token by `value_scores`; each pruned entry
+    becomes the token's mean pruned value. values `[B, Hkv, S, D]` -> `PackedTensor`."""
+    check_head_dim(values.shape[-1])
+    d = values.shape[-1]
+    p = pruned_count(ratio, d)
+    scores = value_scores(values)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if p:
+        idx = scores.topk(p, dim=-1, largest=False, sorted=False).indices
+        keep = keep.scatter(-1, idx, False)
+    pruned = ~keep
+    mean_pruned = (values.float() * pruned).sum(-1) / pruned.sum(-1).clamp_min(1)
+    return PackedTensor.from_dense(values, keep, scale=mean_pruned)
+
+
+def think_keep_mask(keys: torch.Tensor, qn_sq_mean: torch.Tensor, ratio: float) -> torch.Tensor:
+    """ThinK's structured choice: one channel set per (batch, kv-head) for all tokens.
+
+    Channel score `mean_window(q^2) * mean_tokens(k^2)` (`qn_sq_mean [B, Hkv, D]` is the
+    GQA-pooled `mean_window(q^2)`); keeps the top `D - floor(ratio * D)`. Returns the kept
+    channel indices, ascending: int64 `[B, Hkv, T]`.
+    """
+    d = keys.shape[-1]
+    t = d - pruned_count(ratio, d)
+    score = qn_sq_mean.float() * keys.float().pow(2).mean(dim=2)
+    return score.topk(t, dim=-1).indices.sort(dim=-1).values

@@ -1,0 +1,304 @@
+"""Packed storage of channel-pruned rows: what the cache really holds.
+
+A `PackedTensor` stands for a `[B, H, S, D]` tensor (keys, or values) in which every row
+`(b, h, s)` keeps some of its `D` channels and replaces the others by a *fill*. It stores:
+
+    vals   kept values, model dtype, row-major with ascending channels inside a row.
+           Fixed T per row: shape [B, H, S, T]. Variable T (top-p / grouped selection): a flat
+           1-D tensor of all kept values, so no row is padded; row boundaries follow from the
+           keep mask (row r owns popcount(keep[r]) values).
+    keep   uint8 [B, H, S, D/8]: bit (c % 8) of byte (c // 8) is set when channel c is kept.
+    sign   uint8 [B, H, S, D/8] or None: bit set when the pruned entry is positive.
+    scale  [B, H, S] model dtype, or None: one recovery magnitude per row.
+    chan   float32 [B, H, D], or None: one factor per channel, shared by all rows of a head.
+    fill   1-D model dtype, or None: explicit pruned entries (sampled recoveries only).
+
+The pruned entry (b, h, s, c) is rebuilt as
+    fill[...]                                      when `fill` is stored, else
+    (+-1 from sign) * scale[b,h,s] * chan[b,h,c]   over whichever of the three are stored, else 0.
+SparK's mean recovery stores sign, `scale = sqrt(a_t)` and `chan = 1 / sqrt(||q_c||)`;
+zero recovery stores none of them; value pruning with mean fill stores `scale` only.
+
+`nbytes` counts the bytes the tensors' storages really hold (a view would keep its whole
+base storage alive, so every field is an owning, compact tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+# Bit weights of one byte: channel c of a row lives in byte c // 8 at bit c % 8.
+_BIT_WEIGHTS = tuple(1 << i for i in range(8))
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    return torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool `[..., D]` -> uint8 `[..., D // 8]` (D must be a multiple of 8)."""
+    d = mask.shape[-1]
+    if d % 8:
+        raise ValueError(f"cannot pack {d} channels into bytes: the channel count must be a multiple of 8")
+    grouped = mask.reshape(*mask.shape[:-1], d // 8, 8).to(torch.uint8)
+    return (grouped * _bit_weights(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, dim: int) -> torch.Tensor:
+    """uint8 `[..., dim // 8]` -> bool `[..., dim]`."""
+    expanded = (bits.unsqueeze(-1) & _bit_weights(bits.device)) != 0
+    return expanded.reshape(*bits.shape[:-1], dim)
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def popcount_rows(bits: torch.Tensor) -> torch.Tensor:
+    """Number of set bits per row: uint8 `[..., D/8]` -> int64 `[...]`."""
+    table = _POPCOUNT.to(bits.device)
+    return table[bits.long()].sum(-1)
+
+
+def storage_nbytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by the storages behind `tensors` (each storage counted once)."""
+    seen: dict[tuple, int] = {}
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), t.device)] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A compact tensor that owns its storage (no view of a larger base)."""
+    if t is None:
+        return None
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+
+
+@dataclass
+class PackedTensor:
+    """A channel-pruned `[B, H, S, D]` tensor in packed form (see the module docstring)."""
+
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    vals: torch.Tensor
+    keep: torch.Tensor
+    sign: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    chan: torch.Tensor | None = None
+    fill: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(x) for x in self.shape)
+        for name in ("vals", "keep", "sign", "scale", "chan", "fill"):
+            setattr(self, name, _own(getattr(self, name)))
+
+    # --- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_dense(
+        cls,
+        x: torch.Tensor,
+        keep: torch.Tensor,
+        *,
+        sign: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        chan: torch.Tensor | None = None,
+        fill: torch.Tensor | None = None,
+    ) -> "PackedTensor":
+        """Pack `x [B, H, S, D]` keeping the channels where `keep [B, H, S, D]` (bool) is True.
+
+        `sign` (bool, positive entries), `scale [B, H, S]`, `chan [B, H, D]`: the recovery fields.
+        `fill [B, H, S, D]`: explicit recovered values; only its pruned entries are stored.
+        """
+        if x.dim() != 4 or keep.shape != x.shape:
+            raise ValueError(f"expected x and keep of the same shape [B, H, S, D], got {tuple(x.shape)} and {tuple(keep.shape)}")
+        keep = keep.bool()
+        counts = keep.sum(-1)
+        fixed = counts.numel() == 0 or bool((counts == counts.flatten()[0]).all())
+        if fixed:
+            t = int(counts.flatten()[0]) if counts.numel() else x.shape[-1]
+            vals = x[keep].reshape(*x.shape[:3], t)
+        else:
+            vals = x[keep]
+        return cls(
+            shape=tuple(x.shape),
+            dtype=x.dtype,
+            vals=vals,
+            keep=pack_bits(keep),
+            sign=None if sign is None else pack_bits(sign & ~keep),
+            scale=None if scale is None else scale.to(x.dtype),
+            chan=None if chan is None else chan.float(),
+            fill=None if fill is None else fill.to(x.dtype)[~keep],
+        )
+
+    # --- reading ---------------------------------------------------------------------------
+    @property
+    def fixed_t(self) -> int | None:
+        """Kept channels per row when every row keeps the same number, else None."""
+        return self.vals.shape[-1] if self.vals.dim() == 4 else None
+
+    @property
+    def seq_len(self) -> int:
+        return self.shape[2]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this object holds (for byte accounting)."""
+        return [t for t in (self.vals, self.keep, self.sign, self.scale, self.chan, self.fill) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the packed tensors really hold."""
+        return storage_nbytes(*self.tensors())
+
+    def keep_mask(self) -> torch.Tensor:
+        """bool `[B, H, S, D]`: True where a channel is kept."""
+        return unpack_bits(self.keep, self.shape[-1])
+
+    def kept_per_row(self) -> torch.Tensor:
+        """int64 `[B, H, S]`: kept channels of every row."""
+        return popcount_rows(self.keep)
+
+    def fill_values(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The recovered entries as a dense `[B, H, S, D]` tensor (kept positions hold filler)."""
+        b, h, s, d = self.shape
+        device = self.keep.device
+        if keep is None:
+            keep = self.keep_mask()
+        if self.fill is not None:
+            out = torch.zeros(self.shape, dtype=self.dtype, device=device)
+            return out.masked_scatter_(~keep, self.fill)
+        if self.sign is None and self.scale is None and self.chan is None:
+            return torch.zeros(self.shape, dtype=self.dtype, device=device)
+        if self.sign is not None:
+            out = unpack_bits(self.sign, d).float().mul_(2).sub_(1)
+        else:
+            out = torch.ones(self.shape, dtype=torch.float32, device=device)
+        if self.scale is not None:
+            out = out * self.scale.float().unsqueeze(-1)
+        if self.chan is not None:
+            out = out * self.chan.unsqueeze(2)
+        return out.to(self.dtype)
+
+    def dense(self) -> torch.Tensor:
+        """The `[B, H, S, D]` tensor attention sees: kept values in place, pruned entries recovered."""
+        keep = self.keep_mask()
+        out = self.fill_values(keep)
+        return out.masked_scatter_(keep, self.vals)
+
+    def full_vals(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Kept values scattered to `[B, H, S, D]` with zeros elsewhere."""
+        if keep is None:
+            keep = self.keep_mask()
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.keep.device).masked_scatter_(keep, self.vals)
+
+    # --- structural operations (crop, beam search, batch selection) -------------------------
+    def _rebuild(self, row_op, chan_op) -> "PackedTensor":
+        """Apply `row_op` to every per-row field (a `[B, H, S, X]` tensor -> `[B', H, S', X]`)."""
+        keep = self.keep_mask()
+        new_keep = row_op(keep)
+        vals = row_op(self.full_vals(keep))[new_keep]
+        if self.fixed_t is not None:
+            vals = vals.reshape(*new_keep.shape[:3], self.fixed_t)
+        fill = None
+        if self.fill is not None:
+            full_fill = torch.zeros(self.shape, dtype=self.dtype, device=keep.device).masked_scatter_(~keep, self.fill)
+            fill = row_op(full_fill)[~new_keep]
+        return replace(
+            self,
+            shape=tuple(new_keep.shape),
+            vals=vals,
+            keep=pack_bits(new_keep),
+            sign=None if self.sign is None else row_op(self.sign),
+            scale=None if self.scale is None else row_op(self.scale.unsqueeze(-1)).squeeze(-1),
+            chan=None if self.chan is None else chan_op(self.chan),
+            fill=fill,
+        )
+
+    def index_batch(self, index: torch.Tensor) -> "PackedTensor":
+        """Rows of the batch in the order of `index` (may repeat: beam search)."""
+        index = index.to(self.keep.device)
+        op = lambda t: t.index_select(0, index)  # noqa: E731
+        return self._rebuild(op, op)
+
+    def slice_seq(self, start: int, stop: int) -> "PackedTensor":
+        """Tokens `start:stop` along the sequence axis (a compact copy)."""
+        op = lambda t: t[:, :, start:stop].contiguous().clone()  # noqa: E731
+        return self._rebuild(op, lambda c: c)
+
+    def to(self, device) -> "PackedTensor":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(
+            self,
+            vals=move(self.vals),
+            keep=move(self.keep),
+            sign=move(self.sign),
+            scale=move(self.scale),
+            chan=move(self.chan),
+            fill=move(self.fill),
+        )
+
+
+@dataclass
+class ColumnPackedTensor:
+    """Structured channel pruning (ThinK): every row of a (batch, head) keeps the same columns.
+
+    vals  `[B, H, S, T]` model dtype, the kept columns in ascending channel order;
+    idx   `[B, H, T]` int16, which channels they are. Pruned entries are zero. No per-row mask.
+    """
+
+    shape: tuple[int, int, int, int]
+    vals: torch.Tensor
+    idx: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(x) for x in self.shape)
+        self.vals, self.idx = _own(self.vals), _own(self.idx)
+
+    @classmethod
+    def from_dense(cls, x: torch.Tensor, idx: torch.Tensor) -> "ColumnPackedTensor":
+        """Keep columns `idx [B, H, T]` (ascending) of `x [B, H, S, D]`."""
+        b, h, s, _ = x.shape
+        vals = x.gather(-1, idx.long().unsqueeze(2).expand(b, h, s, idx.shape[-1]))
+        return cls(shape=tuple(x.shape), vals=vals, idx=idx.to(torch.int16))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vals.dtype
+
+    @property
+    def seq_len(self) -> int:
+        return self.shape[2]
+
+    @property
+    def fixed_t(self) -> int:
+        return self.idx.shape[-1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.vals, self.idx]
+
+    @property
+    def nbytes(self) -> int:
+        return storage_nbytes(self.vals, self.idx)
+
+    def dense(self) -> torch.Tensor:
+        b, h, s, d = self.shape
+        index = self.idx.long().unsqueeze(2).expand(b, h, s, self.idx.shape[-1])
+        return torch.zeros(self.shape, dtype=self.vals.dtype, device=self.vals.device).scatter_(-1, index, self.vals)
+
+    def index_batch(self, index: torch.Tensor) -> "ColumnPackedTensor":
+        index = index.to(self.vals.device)
+        vals = self.vals.index_select(0, index)
+        return ColumnPackedTensor((vals.shape[0], *self.shape[1:]), vals, self.idx.index_select(0, index))
+
+    def slice_seq(self, start: int, stop: int) -> "ColumnPackedTensor":
+        vals = self.vals[:, :, start:stop].contiguous().clone()
+        return ColumnPackedTensor((*self.shape[:2], vals.shape[2], self.shape[3]), vals, self.idx)
+
+    def to(self, device) -> "ColumnPackedTensor":
+        return ColumnPackedTensor(self.shape, self.vals.to(device), self.idx.to(device))

@@ -1,0 +1,30 @@
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparkkv  # noqa: F401  (registers the "sparkkv" attention)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test run (set SPARKKV_TEST_SEED to replay one); printed on failure."""
+    value = int(os.environ.get("SPARKKV_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for key, value in item.user_properties:
+            if key == "seed":
+                report.sections.append(("seed", f"replay with SPARKKV_TEST_SEED={value}"))

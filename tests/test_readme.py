@@ -1,0 +1,22 @@
+"""The README's promises: its example runs, and CI runs the README's test command."""
+
+import re
+
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = re.search(r"```bash\n(.*?)\n```", README, re.S).group(1).splitlines()
+    assert len(commands) == 2 and "demo" in commands[0] and "pytest" in commands[1]
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_quick_start_example_runs():
+    block = README.split("## Quick start", 1)[1]
+    code = re.search(r"```python\n(.*?)\n```", block, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README quick start", "exec"), namespace)
+    assert namespace["out"].shape[1] == 620
+    assert namespace["cache"].nbytes > 0
