@@ -83,12 +83,12 @@ def test_left_padding_matches_batch_one(seed):
     mask[1, :16] = 0
     config = SparKConfig(key_prune_ratio=0.8, window_size=8, block_size=4)
     batched = spark.generate(batch_ids, attention_mask=mask, past_key_values=SparKCache(config), max_new_tokens=10,
-                             do_sample=False, output_scores=True, return_dict_in_generate=True, min_new_tokens=10)
+                             do_sample=False, output_logits=True, return_dict_in_generate=True, min_new_tokens=10)
     for row, ids in enumerate((long_ids, short_ids)):
         single = spark.generate(ids, past_key_values=SparKCache(config), max_new_tokens=10, do_sample=False,
-                                output_scores=True, return_dict_in_generate=True, min_new_tokens=10)
-        got = torch.stack([s[row] for s in batched.scores])
-        want = torch.stack([s[0] for s in single.scores])
+                                output_logits=True, return_dict_in_generate=True, min_new_tokens=10)
+        got = torch.stack([s[row] for s in batched.logits])
+        want = torch.stack([s[0] for s in single.logits])
         assert rel(got, want) < 1e-3
         assert torch.equal(batched.sequences[row, -10:], single.sequences[0, -10:])
 

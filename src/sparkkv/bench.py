@@ -2,6 +2,7 @@
 
     sparkkv bench bytes    bytes per token the cache really holds: dense vs SparK vs ThinK
     sparkkv bench decode   decode-step time of one attention layer, packed vs dense
+    sparkkv bench methods  error vs dense of SnapKV, +ThinK, +SparK at one token budget, with bytes
 
 Both use one attention layer of Llama-3-8B geometry by default (8 kv-heads, GQA group 4,
 head_dim 128) fed random keys/values/queries, and go through the same `SparKLayer` code the
@@ -22,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .attention import grouped_attention
 from .cache import SparKLayer
 from .config import SparKConfig
-from .demo import format_table
+from .demo import format_table, methods_table
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -122,7 +123,7 @@ def decode_timing(context: int, kv_heads: int, groups: int, head_dim: int, dtype
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sparkkv bench", description="side-by-side benchmarks (see module docstring)")
-    parser.add_argument("what", choices=["bytes", "decode"], help="which benchmark")
+    parser.add_argument("what", choices=["bytes", "decode", "methods"], help="which benchmark")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768], help="context lengths (tokens)")
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--groups", type=int, default=4, help="GQA group size (query heads per kv-head)")
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed decode steps (median reported)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--budget", type=int, default=512, help="methods: token budget (default 512)")
+    parser.add_argument("--prompt-tokens", type=int, default=2048, help="methods: prompt length (default 2048)")
     args = parser.parse_args(argv)
     for name in ("kv_heads", "groups", "head_dim", "steps"):
         if getattr(args, name) < 1:
@@ -140,6 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
+    if args.what == "methods":
+        if not 64 <= args.budget <= args.prompt_tokens:
+            parser.error(f"--budget must be in [64, --prompt-tokens={args.prompt_tokens}], got {args.budget}")
+        print(methods_table(args.prompt_tokens, args.budget, dtype=dtype))
+        return
     geometry = f"{args.kv_heads} kv-heads, GQA group {args.groups}, head_dim {args.head_dim}, {args.dtype}, {torch.get_num_threads()} threads"
     for context in args.contexts:
         if args.what == "bytes":

@@ -57,6 +57,13 @@ BYTES_COLUMNS = [
 ]
 
 
+METHODS_COLUMNS = BYTES_COLUMNS[:5] + [
+    ("attn_err_vs_base", "attn err vs snapkv", ".4f"),
+    ("logits_rel_err", "logits rel err", ".4f"),
+    ("logits_err_vs_base", "logits err vs snapkv", ".4f"),
+]
+
+
 def bytes_and_error_table(prompt_tokens: int = 2048, decode_steps: int = 16, seed: int = 0) -> str:
     model = random_model(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -77,6 +84,35 @@ def bytes_and_error_table(prompt_tokens: int = 2048, decode_steps: int = 16, see
         f"{prompt_tokens}-token prompt, {decode_steps} teacher-forced decode steps; bytes after prefill."
     )
     return title + "\n\n" + format_table(rows, BYTES_COLUMNS)
+
+
+def methods_configs(budget: int | float, ratios=(0.5, 0.8)) -> list[SparKConfig | None]:
+    """dense, eviction only, eviction + ThinK, eviction + SparK (mean and zero recovery), one budget."""
+    configs: list[SparKConfig | None] = [None, SparKConfig(method="snapkv", token_budget=budget)]
+    for ratio in ratios:
+        configs.append(SparKConfig(method="snapkv+think", token_budget=budget, key_prune_ratio=ratio))
+    for ratio in ratios:
+        for recovery in ("mean", "zero"):
+            configs.append(SparKConfig(method="snapkv+spark", token_budget=budget, key_prune_ratio=ratio, recovery=recovery))
+    return configs
+
+
+def methods_table(prompt_tokens: int = 2048, budget: int = 512, decode_steps: int = 16, seed: int = 0, dtype=torch.bfloat16) -> str:
+    """Attention-output and logit error vs the full dense cache, at one token budget, with bytes."""
+    model = random_model(seed, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=gen)
+    continuation = torch.randint(0, model.config.vocab_size, (1, decode_steps), generator=gen)
+    configs = methods_configs(budget)
+    rows = compare_decode(model, prompt, continuation, configs, base=configs[1])
+    for r in rows:
+        r["vs_dense"] = r["prefill_bytes"] / rows[0]["prefill_bytes"]
+    title = (
+        f"Random Llama-geometry model (2 layers, 8 q-heads / 2 kv-heads, head_dim 128, {str(dtype).split('.')[-1]}), "
+        f"{prompt_tokens}-token prompt, token budget {budget}, {decode_steps} teacher-forced decode steps; "
+        "errors against the full dense cache, and against SnapKV alone (same tokens, all channels)."
+    )
+    return title + "\n\n" + format_table(rows, METHODS_COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,27 +80,48 @@ def _run(model, cache, prompt_ids, continuation_ids, attention_mask=None):
     return logits, attn, prefill_bytes
 
 
-def compare_decode(model, prompt_ids: torch.Tensor, continuation_ids: torch.Tensor, configs: list[SparKConfig | None]) -> list[dict]:
-    """One row per configuration (None = dense). See the module docstring."""
-    ref_logits, ref_attn, _ = _run(model, make_cache(model, None), prompt_ids, continuation_ids)
-    rows = []
+def compare_decode(
+    model,
+    prompt_ids: torch.Tensor,
+    continuation_ids: torch.Tensor,
+    configs: list[SparKConfig | None],
+    base: SparKConfig | None = None,
+) -> list[dict]:
+    """One row per configuration (None = dense). See the module docstring.
+
+    Errors are against the full dense cache; with `base` (e.g. the eviction-only configuration)
+    every row also gets `attn_err_vs_base` / `logits_err_vs_base`, the error against that
+    configuration's run, which isolates what channel pruning adds on top of eviction.
+    """
+    runs = {}
     prompt_len = prompt_ids.shape[1]
+    ref_logits, ref_attn, _ = runs["dense"] = _run(model, make_cache(model, None), prompt_ids, continuation_ids)
+    if base is not None:
+        runs["base"] = _run(model, make_cache(model, base), prompt_ids, continuation_ids)
+
+    def errors(logits, attn, against):
+        ref_l, ref_a, _ = against
+        attn_err = [_rel(a, r) for step, ref_step in zip(attn, ref_a) for a, r in zip(step, ref_step)]
+        logit_err = [_rel(a, r) for a, r in zip(logits[1:], ref_l[1:])]
+        top1 = [bool((a.argmax(-1) == r.argmax(-1)).all()) for a, r in zip(logits[1:], ref_l[1:])]
+        n = max(1, len(logit_err))
+        return sum(attn_err) / max(1, len(attn_err)), sum(logit_err) / n, sum(top1) / n
+
+    rows = []
     for config in configs:
-        cache = make_cache(model, config)
-        logits, attn, prefill_bytes = _run(model, cache, prompt_ids, continuation_ids)
-        decode_logits = logits[1:]
-        attn_err = [_rel(a, r) for step, ref_step in zip(attn, ref_attn) for a, r in zip(step, ref_step)]
-        top1 = [bool((a.argmax(-1) == r.argmax(-1)).all()) for a, r in zip(decode_logits, ref_logits[1:])]
-        rows.append(
-            {
-                "method": "dense" if config is None else config.name,
-                "prefill_bytes": prefill_bytes,
-                "bytes_per_token": prefill_bytes / (prompt_len * prompt_ids.shape[0]),
-                "attn_rel_err": sum(attn_err) / max(1, len(attn_err)),
-                "logits_rel_err": sum(_rel(a, r) for a, r in zip(decode_logits, ref_logits[1:])) / max(1, len(decode_logits)),
-                "top1_agreement": sum(top1) / max(1, len(top1)),
-            }
-        )
+        logits, attn, prefill_bytes = _run(model, make_cache(model, config), prompt_ids, continuation_ids)
+        attn_err, logit_err, top1 = errors(logits, attn, runs["dense"])
+        row = {
+            "method": "dense" if config is None else config.name,
+            "prefill_bytes": prefill_bytes,
+            "bytes_per_token": prefill_bytes / (prompt_len * prompt_ids.shape[0]),
+            "attn_rel_err": attn_err,
+            "logits_rel_err": logit_err,
+            "top1_agreement": top1,
+        }
+        if base is not None:
+            row["attn_err_vs_base"], row["logits_err_vs_base"], _ = errors(logits, attn, runs["base"])
+        rows.append(row)
     return rows
 
 
