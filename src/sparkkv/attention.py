@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .packed import ColumnPackedTensor, PackedTensor
+
 _MISUSE = (
     "a SparKCache was used by an attention function other than 'sparkkv'. Load the model with "
     "attn_implementation='sparkkv' (after `import sparkkv`), e.g. "
@@ -47,25 +49,48 @@ class CacheHandle:
         return f"CacheHandle(layer={self.layer.layer_idx})"
 
 
-def grouped_attention(
-    query: torch.Tensor,
-    chunks: list[tuple[torch.Tensor, torch.Tensor]],
-    mask: torch.Tensor | None,
-    scaling: float,
-) -> torch.Tensor:
-    """Attention of `query [B, Hq, q, D]` over key/value chunks `[B, Hkv, S_i, D]`.
+def chunk_logits(query_rows: torch.Tensor, keys) -> torch.Tensor:
+    """`query_rows [B, H, M, D] @ keys^T` -> `[B, H, M, S]` for any key storage.
 
-    `mask`: None, a bool mask (True = attend) or an additive float mask, broadcastable to
+    dense tensor: one matmul. ThinK columns: gather the query's kept channels, then a matmul over
+    T channels only. SparK-packed: the fused CPU kernel when it applies (float32 logits), else
+    the keys are rebuilt densely for this one chunk and dropped right after.
+    """
+    if isinstance(keys, torch.Tensor):
+        return torch.matmul(query_rows, keys.transpose(-1, -2))
+    if isinstance(keys, ColumnPackedTensor):
+        b, h, m, _ = query_rows.shape
+        idx = keys.idx.long().unsqueeze(2).expand(b, h, m, keys.fixed_t)
+        return torch.matmul(query_rows.gather(-1, idx), keys.vals.transpose(-1, -2))
+    if isinstance(keys, PackedTensor) and keys.vals.device.type == "cpu":
+        from .kernels.cpu import packed_qk
+
+        out = packed_qk(query_rows, keys)
+        if out is not None:
+            return out
+    return torch.matmul(query_rows, keys.dense().transpose(-1, -2))
+
+
+def _dense(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else x.dense()
+
+
+def grouped_attention(query: torch.Tensor, chunks: list, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Attention of `query [B, Hq, q, D]` over `(keys, values)` chunks of `S_i` tokens each.
+
+    Keys and values may be dense `[B, Hkv, S_i, D]` tensors or packed (`PackedTensor`,
+    `ColumnPackedTensor`); packed ones are read through `chunk_logits` / rebuilt one chunk at a
+    time. `mask`: None, a bool mask (True = attend) or an additive float mask, broadcastable to
     `[B, Hkv or 1, q, sum S_i]`. The GQA group of every kv-head is handled as extra query rows,
     so keys are never repeated. Softmax in float32. Returns `[B, q, Hq, Dv]`.
     """
-    b, hq, q, _ = query.shape
+    b, hq, q, d = query.shape
     h = chunks[0][0].shape[1]
     g = hq // h
-    qg = query.reshape(b, h, g * q, query.shape[-1])
-    logits = torch.cat([torch.matmul(qg, k.transpose(-1, -2)) for k, _ in chunks], dim=-1)
+    qg = query.reshape(b, h, g * q, d)
+    logits = torch.cat([chunk_logits(qg, k).float() for k, _ in chunks], dim=-1)
     s_total = logits.shape[-1]
-    logits = logits.float().mul_(scaling).view(b, h, g, q, s_total)
+    logits = logits.mul_(scaling).view(b, h, g, q, s_total)
     if mask is not None:
         mask = mask.unsqueeze(2)  # [B, H or 1, 1, q, S]
         if mask.dtype == torch.bool:
@@ -76,11 +101,12 @@ def grouped_attention(
     out = None
     start = 0
     for _, v in chunks:
+        v = _dense(v)
         stop = start + v.shape[2]
         part = torch.matmul(probs[..., start:stop].to(v.dtype), v)
         out = part if out is None else out + part
         start = stop
-    dv = chunks[0][1].shape[-1]
+    dv = out.shape[-1]
     return out.view(b, h, g, q, dv).reshape(b, hq, q, dv).transpose(1, 2)
 
 

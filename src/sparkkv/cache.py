@@ -39,10 +39,6 @@ def _own(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().clone()
 
 
-def _dense(x) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else x.dense()
-
-
 def _tensors(x) -> list[torch.Tensor]:
     return [x] if isinstance(x, torch.Tensor) else x.tensors()
 
@@ -101,11 +97,15 @@ class SparKLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # older 5.x releases (5.0 does) pass cache_position
+            query_length = query_length.shape[0]
         return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
+
+    get_max_cache_shape = get_max_length  # the same contract's name in transformers < 5.2
 
     def reset(self) -> None:
         self.__init__(self.config, self.layer_idx)
@@ -146,7 +146,7 @@ class SparKLayer(CacheLayerMixin):
             if self.config.channel_policy != "dense":
                 self.compress_prefill(module, query, mask, scaling)
             return out
-        chunks = [(_dense(k), _dense(v)) for k, v in zip(self.key_chunks, self.value_chunks)]
+        chunks = list(zip(self.key_chunks, self.value_chunks))
         if self.tail_len:
             chunks.append((self.tail_keys, self.tail_values))
         out = grouped_attention(query, chunks, self._stored_mask(mask, q_len), scaling)

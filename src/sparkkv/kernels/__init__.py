@@ -1,0 +1,1 @@
+"""Fast attention kernels over the packed format (optional; the PyTorch path is the reference)."""
