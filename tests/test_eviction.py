@@ -202,3 +202,29 @@ def test_spark_error_well_below_think_at_high_ratio(seed):
     t, s, z = (rows[c.name]["attn_err_vs_base"] for c in (think, spark_cfg, zero))
     assert s < 0.6 * t, (s, t)
     assert s < z, (s, z)  # recovery helps
+
+
+def test_crop_after_eviction(seed):
+    spark, dense = build_pair("llama", seed=seed)
+    s, budget, sink = 60, 24, 4
+    ids = torch.randint(0, 211, (1, s))
+    cache = SparKCache(SparKConfig(method="streamingllm+spark", key_prune_ratio=0.0, token_budget=budget, sink_tokens=sink, block_size=4))
+    kept = torch.zeros(s, dtype=torch.bool)
+    kept[:sink] = True
+    kept[s - (budget - sink):] = True
+    more = torch.randint(0, 211, (1, 13))
+    dense_cache = DynamicCache(config=dense.config)
+    with torch.no_grad():
+        spark(ids, past_key_values=cache), dense(ids, past_key_values=dense_cache)
+        for i in range(13):
+            step_mask = torch.cat([kept, torch.ones(i + 1, dtype=torch.bool)]).view(1, 1, 1, -1)
+            spark(more[:, i : i + 1], past_key_values=cache)
+            dense(more[:, i : i + 1], past_key_values=dense_cache, attention_mask=step_mask)
+        with pytest.raises(NotImplementedError, match="evicted prompt"):
+            cache.crop(-14)
+        cache.crop(-10)  # through the tail and two packed blocks of generated tokens
+        dense_cache.crop(-10)
+        assert cache.get_seq_length() == 63 and cache.layers[0].stored_tokens == budget + 3
+        tok = torch.randint(0, 211, (1, 1))
+        mask = torch.cat([kept, torch.ones(4, dtype=torch.bool)]).view(1, 1, 1, -1)
+        assert rel(spark(tok, past_key_values=cache).logits, dense(tok, past_key_values=dense_cache, attention_mask=mask).logits) < 1e-5

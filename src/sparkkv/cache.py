@@ -123,7 +123,7 @@ class SparKLayer(CacheLayerMixin):
     @property
     def stored_tokens(self) -> int:
         """Tokens physically stored (per kv-head), after eviction."""
-        return sum(c.shape[2] if isinstance(c, torch.Tensor) else c.seq_len for c in self.key_chunks) + self.tail_len
+        return sum(_seq_len(c) for c in self.key_chunks) + self.tail_len
 
     @property
     def nbytes(self) -> int:
@@ -235,7 +235,11 @@ class SparKLayer(CacheLayerMixin):
 
     # --- cache operations -------------------------------------------------------------------
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last `-tokens_to_remove` tokens (transformers' convention: a negative count)."""
+        """Remove the last `-tokens_to_remove` tokens (transformers' convention: a negative count).
+
+        Works through the dense tail and the packed blocks; after eviction the prompt chunk holds a
+        different set of tokens per head, so cropping into it raises `NotImplementedError`.
+        """
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
         n = -tokens_to_remove
@@ -243,17 +247,23 @@ class SparKLayer(CacheLayerMixin):
             return
         if n > self.seen:
             raise ValueError(f"cannot crop {n} tokens from a layer holding {self.seen}")
-        if self.positions is not None and n > self.tail_len:
-            raise NotImplementedError("crop into the evicted prompt of a SparKCache is not supported")
+        if self.positions is not None:
+            generated = self.tail_len + sum(_seq_len(c) for c in self.key_chunks[1:])
+            if n > generated:
+                raise NotImplementedError(
+                    f"crop of {n} tokens reaches into the evicted prompt (only the last {generated} tokens can be cropped)"
+                )
         self.seen -= n
         from_tail = min(n, self.tail_len)
         if from_tail:
             self.tail_keys = _own(self.tail_keys[:, :, : self.tail_len - from_tail])
             self.tail_values = _own(self.tail_values[:, :, : self.tail_len - from_tail])
         n -= from_tail
+        if n and self.positions is not None:
+            self.positions = _own(self.positions[..., : self.positions.shape[-1] - n])
         while n:
             k, v = self.key_chunks[-1], self.value_chunks[-1]
-            length = k.shape[2] if isinstance(k, torch.Tensor) else k.seq_len
+            length = _seq_len(k)
             if n >= length:
                 self.key_chunks.pop(), self.value_chunks.pop()
                 n -= length
@@ -261,8 +271,6 @@ class SparKLayer(CacheLayerMixin):
             self.key_chunks[-1] = _slice_seq(k, 0, length - n)
             self.value_chunks[-1] = _slice_seq(v, 0, length - n)
             n = 0
-        if not self.key_chunks and self.tail_len == 0:
-            self.prefilled = self.prefilled and self.seen > 0
 
     def _index_batch(self, index: torch.Tensor) -> None:
         index = index.to(self.device)
@@ -292,6 +300,10 @@ class SparKLayer(CacheLayerMixin):
             if indices.dtype == torch.bool:
                 indices = indices.nonzero().flatten()
             self._index_batch(indices)
+
+
+def _seq_len(x) -> int:
+    return x.shape[2] if isinstance(x, torch.Tensor) else x.seq_len
 
 
 def _slice_seq(x, start: int, stop: int):
