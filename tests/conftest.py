@@ -5,7 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import sparkkv  # noqa: F401  (registers the "sparkkv" attention)
+# Without a GPU, Triton kernels run under its interpreter; the flag must be set before triton is
+# first imported (its own library functions are decorated at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sparkkv  # noqa: E402,F401  (registers the "sparkkv" attention)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

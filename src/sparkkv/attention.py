@@ -12,6 +12,8 @@ and attention is `matmul -> softmax -> matmul` over the GQA groups. Nothing dens
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -88,6 +90,8 @@ def grouped_attention(query: torch.Tensor, chunks: list, mask: torch.Tensor | No
     h = chunks[0][0].shape[1]
     g = hq // h
     qg = query.reshape(b, h, g * q, d)
+    if q == 1 and _use_triton(query, chunks):
+        return _triton_decode(qg, chunks, mask, scaling).view(b, hq, 1, -1).transpose(1, 2)
     logits = torch.cat([chunk_logits(qg, k).float() for k, _ in chunks], dim=-1)
     s_total = logits.shape[-1]
     logits = logits.mul_(scaling).view(b, h, g, q, s_total)
@@ -108,6 +112,43 @@ def grouped_attention(query: torch.Tensor, chunks: list, mask: torch.Tensor | No
         start = stop
     dv = out.shape[-1]
     return out.view(b, h, g, q, dv).reshape(b, hq, q, dv).transpose(1, 2)
+
+
+def _use_triton(query: torch.Tensor, chunks: list) -> bool:
+    """Opt-in (SPARKKV_TRITON=1) until the kernel has been validated on a GPU; CPU only under the
+    Triton interpreter (TRITON_INTERPRET=1), which is how the tests run it."""
+    if os.environ.get("SPARKKV_TRITON") != "1":
+        return False
+    if query.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    from .kernels import triton_decode
+
+    return any(
+        isinstance(k, PackedTensor) and isinstance(v, torch.Tensor) and triton_decode.supports(k, v) for k, v in chunks
+    )
+
+
+def _triton_decode(qg: torch.Tensor, chunks: list, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Decode step: per-chunk online-softmax partials (Triton for packed chunks, PyTorch for the
+    rest), merged by log-sum-exp. qg `[B, H, G, D]` -> `[B, H, G, Dv]`."""
+    from .kernels import triton_decode
+
+    bias = None
+    if mask is not None:  # [B, H or 1, 1, S] -> additive [B, H, S]
+        m = mask[:, :, 0, :]
+        bias = torch.where(m, 0.0, float("-inf")) if m.dtype == torch.bool else m.float()
+        bias = bias.expand(qg.shape[0], qg.shape[1], -1)
+    parts, start = [], 0
+    for k, v in chunks:
+        length = k.shape[2]
+        chunk_bias = None if bias is None else bias[..., start : start + length].contiguous()
+        start += length
+        if isinstance(k, PackedTensor) and isinstance(v, torch.Tensor) and triton_decode.supports(k, v):
+            parts.append(triton_decode.packed_decode_partials(qg, k, v, scaling, chunk_bias))
+        else:
+            keys = k if isinstance(k, torch.Tensor) else (k.dense() if isinstance(k, PackedTensor) else k.dense())
+            parts.append(triton_decode.dense_partials(qg, keys, _dense(v), scaling, chunk_bias))
+    return triton_decode.merge_partials(parts).to(qg.dtype)
 
 
 def sparkkv_attention_forward(

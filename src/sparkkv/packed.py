@@ -164,17 +164,19 @@ class PackedTensor:
         """int64 `[B, H, S]`: kept channels of every row."""
         return popcount_rows(self.keep)
 
-    def fill_values(self, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """The recovered entries as a dense `[B, H, S, D]` tensor (kept positions hold filler)."""
+    def fill_values(self, keep: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The recovered entries as a dense `[B, H, S, D]` tensor (kept positions hold filler),
+        computed in float32 and returned in `dtype` (default: the stored dtype)."""
         b, h, s, d = self.shape
         device = self.keep.device
+        dtype = dtype or self.dtype
         if keep is None:
             keep = self.keep_mask()
         if self.fill is not None:
-            out = torch.zeros(self.shape, dtype=self.dtype, device=device)
-            return out.masked_scatter_(~keep, self.fill)
+            out = torch.zeros(self.shape, dtype=dtype, device=device)
+            return out.masked_scatter_(~keep, self.fill.to(dtype))
         if self.sign is None and self.scale is None and self.chan is None:
-            return torch.zeros(self.shape, dtype=self.dtype, device=device)
+            return torch.zeros(self.shape, dtype=dtype, device=device)
         if self.sign is not None:
             out = unpack_bits(self.sign, d).float().mul_(2).sub_(1)
         else:
@@ -183,13 +185,16 @@ class PackedTensor:
             out = out * self.scale.float().unsqueeze(-1)
         if self.chan is not None:
             out = out * self.chan.unsqueeze(2)
-        return out.to(self.dtype)
+        return out.to(dtype)
 
-    def dense(self) -> torch.Tensor:
-        """The `[B, H, S, D]` tensor attention sees: kept values in place, pruned entries recovered."""
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The `[B, H, S, D]` tensor attention sees: kept values in place, pruned entries recovered.
+
+        In the stored dtype by default (recovered entries rounded to it, as the PyTorch attention
+        path uses them); `dtype=torch.float32` keeps them unrounded, as the fused kernels do."""
         keep = self.keep_mask()
-        out = self.fill_values(keep)
-        return out.masked_scatter_(keep, self.vals)
+        out = self.fill_values(keep, dtype)
+        return out.masked_scatter_(keep, self.vals.to(out.dtype))
 
     def full_vals(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Kept values scattered to `[B, H, S, D]` with zeros elsewhere."""

@@ -79,8 +79,9 @@ def packed_qk(query_rows: torch.Tensor, packed: PackedTensor) -> torch.Tensor | 
 
 
 def reference_packed_qk(query_rows: torch.Tensor, packed: PackedTensor) -> torch.Tensor:
-    """The plain PyTorch reference: rebuild dense keys, then one matmul in float32."""
-    return torch.matmul(query_rows.float(), packed.dense().float().transpose(-1, -2))
+    """The plain PyTorch reference: rebuild dense keys (recovered entries unrounded, as in the
+    kernel), then one matmul in float32."""
+    return torch.matmul(query_rows.float(), packed.dense(torch.float32).transpose(-1, -2))
 
 
 def main(argv: list[str] | None = None) -> None:
