@@ -46,7 +46,9 @@ def _prefilled_layer(config: SparKConfig, keys, values, window_queries, scaling)
 
 def bytes_table(context: int, kv_heads: int, groups: int, head_dim: int, dtype, seed: int = 0) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
-    keys = torch.randn(1, kv_heads, context, head_dim, generator=gen).to(dtype)
+    # channels of different scales (as real keys have), so variable-T selections have something to find
+    channel_scale = torch.rand(1, kv_heads, 1, head_dim, generator=gen) * 2
+    keys = (torch.randn(1, kv_heads, context, head_dim, generator=gen) * channel_scale).to(dtype)
     values = torch.randn(1, kv_heads, context, head_dim, generator=gen).to(dtype)
     queries = torch.randn(1, kv_heads * groups, 32, head_dim, generator=gen).to(dtype)
     dense = 2 * keys.numel() * keys.element_size()
@@ -55,16 +57,21 @@ def bytes_table(context: int, kv_heads: int, groups: int, head_dim: int, dtype, 
         SparKConfig(key_prune_ratio=0.8),
         SparKConfig(key_prune_ratio=0.8, recovery="zero"),
         SparKConfig(key_prune_ratio=0.8, value_prune_ratio=0.8),
+        SparKConfig(selection="top_p", top_p=0.9),
+        SparKConfig(selection="grouped"),
         SparKConfig(method="think", key_prune_ratio=0.5),
         SparKConfig(method="think", key_prune_ratio=0.8),
     ]
     per = context * kv_heads
-    rows = [{"method": "dense", "bytes": dense, "per_token_head": dense / per, "key_bytes": dense / 2 / per, "vs_dense": 1.0}]
+    rows = [{"method": "dense", "bytes": dense, "per_token_head": dense / per, "key_bytes": dense / 2 / per, "vs_dense": 1.0,
+             "kept_channels": float(head_dim)}]
     for config in configs:
         layer = _prefilled_layer(config, keys, values, queries, head_dim**-0.5)
         key_bytes = sum(t.untyped_storage().nbytes() for c in layer.key_chunks for t in c.tensors())
         total = layer.nbytes
-        rows.append({"method": config.name, "bytes": total, "per_token_head": total / per, "key_bytes": key_bytes / per, "vs_dense": total / dense})
+        kept = sum(int(c.keep_mask().sum()) if hasattr(c, "keep_mask") else c.vals.numel() for c in layer.key_chunks)
+        rows.append({"method": config.name, "bytes": total, "per_token_head": total / per, "key_bytes": key_bytes / per,
+                     "vs_dense": total / dense, "kept_channels": kept / per})
     return rows
 
 
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.what == "bytes":
             rows = bytes_table(context, args.kv_heads, args.groups, args.head_dim, dtype)
             print(f"\nbytes held by one layer, {context} tokens, {geometry}\n")
-            print(format_table(rows, [("method", "method", ""), ("bytes", "bytes", ",d"), ("key_bytes", "key B/token/head", ".1f"),
+            print(format_table(rows, [("method", "method", ""), ("bytes", "bytes", ",d"), ("kept_channels", "key channels kept", ".1f"),
+                                      ("key_bytes", "key B/token/head", ".1f"),
                                       ("per_token_head", "K+V B/token/head", ".1f"), ("vs_dense", "vs dense", ".3f")]))
         else:
             rows = decode_timing(context, args.kv_heads, args.groups, args.head_dim, dtype, args.steps, args.warmup)

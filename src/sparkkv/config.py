@@ -183,13 +183,15 @@ class SparKConfig:
         """A short label for tables and result files, e.g. 'snapkv+spark k0.8 b512'."""
         eviction, channel = parse_method(self.method)
         label = channel if eviction is None else f"{eviction}+{channel}"
-        if channel in ("spark", "think"):
+        if channel == "think" or (channel == "spark" and self.selection == "ratio"):
             label += f" k{self.key_prune_ratio:g}"
+        if channel == "spark":
+            if self.selection == "top_p":
+                label += f" top_p{self.top_p:g}"
+            elif self.selection == "grouped":
+                label += " grouped" + (f"{self.grouped_mass:g}" if self.grouped_mass != 0.99 else "")
             if self.value_prune_ratio:
                 label += f" v{self.value_prune_ratio:g}"
-        if channel == "spark":
-            if self.selection != "ratio":
-                label += f" {self.selection}"
             if self.recovery != "mean":
                 label += f" {self.recovery}"
         if self.token_budget is not None:
