@@ -40,18 +40,29 @@ def test_kernel_matches_float64(seed, dtype, d, recovery):
         assert rel(got, ref_logits(q, packed)) < 1e-5
 
 
+@pytest.mark.parametrize("selection", ["top_p", "grouped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("s", [5, 300, 777])  # within one row block, across several blocks
+def test_kernel_variable_t(seed, selection, dtype, s):
+    b, h, d = 2, 3, 64
+    keys = (torch.randn(b, h, s, d) * torch.rand(d) * 3).to(dtype)
+    packed = compress_keys(keys, torch.randn(b, h * 2, 5, d), SparKConfig(selection=selection, top_p=0.8))
+    assert packed.fixed_t is None
+    q = torch.randn(b, h, 4, d)
+    assert rel(cpu.packed_qk(q, packed), ref_logits(q, packed)) < 1e-5
+
+
 def test_kernel_skips_what_it_does_not_handle(seed):
     keys, queries = torch.randn(1, 2, 9, 64), torch.randn(1, 2, 4, 64)
-    variable = compress_keys(keys, queries, SparKConfig(selection="top_p"))
     sampled = compress_keys(keys, queries, SparKConfig(recovery="normal"))
-    assert cpu.packed_qk(torch.randn(1, 2, 1, 64), variable) is None
     assert cpu.packed_qk(torch.randn(1, 2, 1, 64), sampled) is None
 
 
-def test_model_same_with_and_without_kernel(seed, monkeypatch):
+@pytest.mark.parametrize("config", [SparKConfig(key_prune_ratio=0.8, block_size=4), SparKConfig(selection="top_p", block_size=4)],
+                         ids=["ratio", "top_p"])
+def test_model_same_with_and_without_kernel(seed, monkeypatch, config):
     spark, _ = build_pair("llama", seed=seed)
     ids = torch.randint(0, 211, (2, 90))
-    config = SparKConfig(key_prune_ratio=0.8, block_size=4)
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     fast = spark.generate(ids, past_key_values=SparKCache(config), **kw)
     monkeypatch.setattr(cpu, "_module", None)  # force the PyTorch rebuild path

@@ -56,8 +56,8 @@ def load():
 
 
 def supports(packed: PackedTensor) -> bool:
-    """Whether the kernel handles this packed tensor (CPU, fixed T, no explicit fill)."""
-    return packed.vals.device.type == "cpu" and packed.fixed_t is not None and packed.fill is None
+    """Whether the kernel handles this packed tensor (CPU, no explicit fill; fixed or variable T)."""
+    return packed.vals.device.type == "cpu" and packed.fill is None
 
 
 def packed_qk(query_rows: torch.Tensor, packed: PackedTensor) -> torch.Tensor | None:

@@ -4,7 +4,9 @@
 // sign * scale_t * chan_c -- and dots it with all M query rows that share the kv-head.
 //
 //   q     [B, H, M, D]   float32 (M = GQA group * query length)
-//   vals  [B, H, S, T]   float32 / bfloat16 / float16, kept values in ascending channel order
+//   vals  [B, H, S, T]   float32 / bfloat16 / float16, kept values in ascending channel order;
+//         or 1-D (variable T per row, rows stored back to back): row offsets are rebuilt from the
+//         popcounts of the keep bytes, a block of rows at a time
 //   keep  [B, H, S, D/8] uint8 bit mask, sign [B, H, S, D/8] uint8 (or empty: no recovery)
 //   scale [B, H, S]      float32 (or empty: 1), chan [B, H, D] float32 (or empty: 1)
 //   out   [B, H, M, S]   float32
@@ -106,12 +108,20 @@ void avx512_row(const float* q, int64_t M, int64_t D, const scalar_t* v, const u
 }
 #endif
 
+inline int64_t row_popcount(const uint8_t* kb, int64_t d8) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < d8; ++i) n += __builtin_popcount(kb[i]);
+  return n;
+}
+
 template <typename scalar_t>
 void packed_qk_impl(const at::Tensor& q, const at::Tensor& vals, const at::Tensor& keep,
                     const at::Tensor& sign, const at::Tensor& scale, const at::Tensor& chan,
                     at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3);
-  const int64_t S = keep.size(2), T = vals.size(3), D8 = D / 8;
+  const int64_t S = keep.size(2), D8 = D / 8;
+  const bool fixed = vals.dim() == 4;
+  const int64_t T = fixed ? vals.size(3) : -1;
   const float* qp = q.data_ptr<float>();
   const scalar_t* vp = vals.data_ptr<scalar_t>();
   const uint8_t* kp = keep.data_ptr<uint8_t>();
@@ -122,25 +132,44 @@ void packed_qk_impl(const at::Tensor& q, const at::Tensor& vals, const at::Tenso
   float* op = out.data_ptr<float>();
   constexpr int64_t kBlock = 256;  // tokens per work item
   const int64_t blocks = (S + kBlock - 1) / kBlock;
-  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t items = B * H * blocks;
+  // Variable T: first offset (into the flat vals) of every work item's first row.
+  std::vector<int64_t> start(fixed ? 0 : items + 1, 0);
+  if (!fixed) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bh = item / blocks, t0 = (item % blocks) * kBlock, t1 = std::min(S, t0 + kBlock);
+        int64_t n = 0;
+        for (int64_t t = t0; t < t1; ++t) n += row_popcount(kp + (bh * S + t) * D8, D8);
+        start[item + 1] = n;
+      }
+    });
+    for (int64_t i = 0; i < items; ++i) start[i + 1] += start[i];
+    TORCH_CHECK(start[items] == vals.numel(), "flat vals hold ", vals.numel(), " values but the keep masks count ", start[items]);
+  }
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> krow(D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / blocks, t0 = (item % blocks) * kBlock;
       const int64_t t1 = std::min(S, t0 + kBlock);
       const float* qh = qp + bh * M * D;
       const float* ch = cp ? cp + bh * D : nullptr;
+      int64_t offset = fixed ? 0 : start[item];
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = bh * S + t;
         const float sc = scp ? scp[row] : 1.f;
+        const uint8_t* kb = kp + row * D8;
         const uint8_t* sb = sp ? sp + row * D8 : nullptr;
+        const scalar_t* v = fixed ? vp + row * T : vp + offset;
+        if (!fixed) offset += row_popcount(kb, D8);
         float* o = op + bh * M * S + t;
 #if SPARKKV_AVX512
         if (D % 16 == 0) {
-          avx512_row<scalar_t>(qh, M, D, vp + row * T, kp + row * D8, sb, sc, ch, fill, o, S);
+          avx512_row<scalar_t>(qh, M, D, v, kb, sb, sc, ch, fill, o, S);
           continue;
         }
 #endif
-        scalar_row<scalar_t>(qh, M, D, vp + row * T, kp + row * D8, sb, sc, ch, fill, krow.data(), o, S);
+        scalar_row<scalar_t>(qh, M, D, v, kb, sb, sc, ch, fill, krow.data(), o, S);
       }
     }
   });
@@ -151,7 +180,7 @@ void packed_qk_impl(const at::Tensor& q, const at::Tensor& vals, const at::Tenso
 at::Tensor packed_qk(at::Tensor q, at::Tensor vals, at::Tensor keep, at::Tensor sign,
                      at::Tensor scale, at::Tensor chan) {
   TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous float32 [B, H, M, D]");
-  TORCH_CHECK(vals.dim() == 4 && vals.is_contiguous(), "vals must be contiguous [B, H, S, T]");
+  TORCH_CHECK((vals.dim() == 4 || vals.dim() == 1) && vals.is_contiguous(), "vals must be contiguous [B, H, S, T] or flat 1-D");
   TORCH_CHECK(keep.dim() == 4 && keep.scalar_type() == at::kByte && keep.is_contiguous(), "keep must be contiguous uint8 [B, H, S, D/8]");
   TORCH_CHECK(q.size(3) % 8 == 0 && keep.size(3) * 8 == q.size(3), "head_dim mismatch between q and keep");
   TORCH_CHECK(!sign.numel() || (sign.sizes() == keep.sizes() && sign.is_contiguous()), "sign must match keep");
