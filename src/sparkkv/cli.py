@@ -1,4 +1,4 @@
-"""`sparkkv` command line: `sparkkv demo`, `sparkkv bench`."""
+"""`sparkkv` command line: `sparkkv demo`, `sparkkv bench`, `sparkkv eval`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import sys
 
 COMMANDS = {
     "demo": ("sparkkv.demo", "offline demo: bytes and accuracy of SparK vs dense"),
-    "bench": ("sparkkv.bench", "decode-step timing, packed vs dense, side by side"),
+    "bench": ("sparkkv.bench", "side-by-side benchmarks: bytes, decode timing, error vs dense per method"),
+    "eval": ("sparkkv.accuracy", "accuracy of each method on the offline testbed tasks, with bytes"),
 }
 
 

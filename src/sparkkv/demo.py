@@ -1,9 +1,13 @@
 """The offline demo (the README's main job).
 
-Part 1 (bytes and error): a random-weight Llama-geometry model (head_dim 128, GQA group 4,
-bf16) built from a config, a long random prompt prefilled with a dense cache and with SparK
-caches at a few ratios, then a few teacher-forced decode steps. Prints the bytes each cache
-really holds and the error of attention outputs and logits against dense.
+Part 1 (accuracy): the small retrieval model shipped in `sparkkv.testbed`, on a few synthetic
+long-context tasks, with dense, SnapKV, SnapKV+ThinK and SnapKV+SparK caches at 0.5 / 0.8 key
+pruning and one token budget (25% of the context): accuracy and KV bytes per token side by side.
+
+Part 2 (bytes and error at real geometry): a random-weight Llama-geometry model (head_dim 128,
+GQA group 4, bf16) built from a config, a long random prompt prefilled with a dense cache and
+with SparK caches at a few ratios, then teacher-forced decode steps: the bytes each cache really
+holds and the error of attention outputs and logits against dense.
 """
 
 from __future__ import annotations
@@ -115,16 +119,44 @@ def methods_table(prompt_tokens: int = 2048, budget: int = 512, decode_steps: in
     return title + "\n\n" + format_table(rows, METHODS_COLUMNS)
 
 
+DEMO_TASKS = ("passkey", "multikey", "kv_retrieval")
+
+
+def testbed_table(n: int, context_tokens: int, seed: int) -> str | None:
+    """Part 1, or None when the shipped testbed model is missing."""
+    from .accuracy import accuracy_rows, default_configs, pivot
+    from .testbed import MODEL_DIR, load_model
+
+    if not (MODEL_DIR / "model.safetensors").is_file():
+        log.warning("no trained testbed model in %s: skipping the accuracy part", MODEL_DIR)
+        return None
+    model, tokenizer = load_model(attn_implementation="sparkkv")
+    rows = accuracy_rows(model, tokenizer, default_configs(0.25), DEMO_TASKS, n, context_tokens, seed)
+    title = (
+        f"Testbed model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama trained on the "
+        f"synthetic tasks), {n} fresh samples per task, {context_tokens}-token contexts, token budget 25% of the "
+        "prompt; accuracy (exact match), then KV bytes per token held by the cache."
+    )
+    return title + "\n\n" + pivot(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="sparkkv demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length of part 1 (default 2048)")
+    parser.add_argument("--n", type=int, default=10, help="samples per task in part 1 (default 10)")
+    parser.add_argument("--context-tokens", type=int, default=1024, help="context length in part 1 (default 1024)")
+    parser.add_argument("--prompt-tokens", type=int, default=2048, help="prompt length of part 2 (default 2048)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.prompt_tokens < 64:
         parser.error(f"--prompt-tokens must be >= 64, got {args.prompt_tokens}")
+    if args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
     start = time.perf_counter()
+    table = testbed_table(args.n, args.context_tokens, args.seed)
+    if table is not None:
+        print(table + "\n")
     print(bytes_and_error_table(args.prompt_tokens, seed=args.seed))
     print(f"\n(done in {time.perf_counter() - start:.1f} s)")
 
