@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 
 import torch
 
 from .config import SparKConfig
-from .demo import format_table
 from .evaluation import cache_nbytes, make_cache
-
-log = logging.getLogger(__name__)
 
 
 def default_configs(budget: int | float = 0.25, ratios=(0.5, 0.8)) -> list[SparKConfig | None]:
@@ -66,15 +62,6 @@ def accuracy_rows(model, tokenizer, configs, tasks, n: int, context_tokens: int,
     for r in rows:
         r["vs_dense"] = r["kv_bytes_per_token"] / dense[r["task"]] if r["task"] in dense else float("nan")
     return rows
-
-
-ACCURACY_COLUMNS = [
-    ("task", "task", ""),
-    ("method", "method", ""),
-    ("accuracy", "accuracy", ".3f"),
-    ("kv_bytes_per_token", "KV bytes/token", ".0f"),
-    ("vs_dense", "vs dense", ".3f"),
-]
 
 
 def pivot(rows: list[dict]) -> str:
