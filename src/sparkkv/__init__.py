@@ -9,16 +9,23 @@ with transformers, so `attn_implementation="sparkkv"` works in `from_pretrained`
     out = model.generate(**inputs, past_key_values=cache)
 """
 
+import transformers
+from packaging.version import Version
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import sparkkv_attention_forward
-from .cache import SparKCache, SparKLayer
+from .cache import PrefillCapture, SparKCache, SparKLayer
 from .config import SparKConfig
 from .method import compress_keys, compress_values
 from .packed import ColumnPackedTensor, PackedTensor
 
 ATTN_IMPLEMENTATION = "sparkkv"
+
+# transformers 5.24 renamed the cache argument of `forward`/`generate` from `past_key_values` to
+# `cache` (the old name warns, and goes away from `forward` in 5.40); older 5.x only know the old
+# name. `model(ids, **{sparkkv.CACHE_KWARG: cache})` works on every supported release.
+CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
 
 # The attention function accepts SDPA's boolean masks (True = attend), so it reuses SDPA's mask.
 AttentionInterface.register(ATTN_IMPLEMENTATION, sparkkv_attention_forward)
@@ -26,8 +33,10 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "CACHE_KWARG",
     "ColumnPackedTensor",
     "PackedTensor",
+    "PrefillCapture",
     "SparKCache",
     "SparKConfig",
     "SparKLayer",

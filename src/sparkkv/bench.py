@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .attention import grouped_attention
-from .cache import SparKLayer
+from .cache import PrefillInputs, SparKLayer
 from .config import SparKConfig
 from .demo import format_table, methods_table
 
@@ -40,7 +40,7 @@ class _AttentionStub(nn.Module):
 def _prefilled_layer(config: SparKConfig, keys, values, window_queries, scaling):
     layer = SparKLayer(config, layer_idx=0)
     layer.update(keys, values)
-    layer.compress_prefill(None, window_queries, None, scaling)
+    layer.compress_prefill(PrefillInputs(keys, values, window_queries, None, None, scaling, None))
     return layer
 
 

@@ -18,6 +18,7 @@ the logical position of every stored token to look up the mask.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -53,6 +54,40 @@ def _query_valid(mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int)
     return valid.expand(batch, q_len)
 
 
+@dataclass
+class PrefillInputs:
+    """What compressing one layer at the end of prefill needs from the prefill forward.
+
+    keys, values `[B, Hkv, S, D]` (dense, the whole prompt); queries `[B, Hq, n, D]`, the last n
+    prompt queries (after RoPE and the model's query norm); mask_rows `[B, 1 or Hkv, n, S]`, the
+    prefill mask's last n rows (bool or additive), or None for plain causal; valid `[B, S]` bool,
+    the non-padding prompt tokens, or None; num_layers: the model's layer count (PyramidKV).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    mask_rows: torch.Tensor | None
+    valid: torch.Tensor | None
+    scaling: float
+    num_layers: int | None
+
+    @classmethod
+    def from_forward(cls, layer, query, mask, scaling, num_layers, rows: int) -> "PrefillInputs":
+        keys, values = layer.tail_keys, layer.tail_values
+        b, _, s, _ = keys.shape
+        n = min(rows, query.shape[2])
+        return cls(
+            keys=keys,
+            values=values,
+            queries=query[:, :, -n:].contiguous() if n < query.shape[2] else query,
+            mask_rows=None if mask is None else mask[:, :, -n:, :],
+            valid=_query_valid(mask, query.shape[2], s, b),
+            scaling=scaling,
+            num_layers=num_layers,
+        )
+
+
 class SparKLayer(CacheLayerMixin):
     """One attention layer's packed cache. See the module docstring."""
 
@@ -75,6 +110,8 @@ class SparKLayer(CacheLayerMixin):
         self.seen = 0  # logical tokens seen (evicted included)
         self.prefilled = False
         self.stats: dict = {}
+        self.record_window = 0  # PrefillCapture: keep this many last prefill query rows
+        self.recorded: PrefillInputs | None = None
 
     # --- the CacheLayerMixin contract --------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -108,7 +145,9 @@ class SparKLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # the same contract's name in transformers < 5.2
 
     def reset(self) -> None:
+        record_window = self.record_window
         self.__init__(self.config, self.layer_idx)
+        self.record_window = record_window
 
     def offload(self):
         raise NotImplementedError("SparKCache does not support offloading (its packed layers stay on their device)")
@@ -143,8 +182,12 @@ class SparKLayer(CacheLayerMixin):
             out, _ = sdpa_attention_forward(
                 module, query, self.tail_keys, self.tail_values, mask, scaling=scaling, **kwargs
             )
+            if self.record_window and self.recorded is None:
+                num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+                self.recorded = PrefillInputs.from_forward(self, query, mask, scaling, num_layers, self.record_window)
             if self.config.channel_policy != "dense":
-                self.compress_prefill(module, query, mask, scaling)
+                num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+                self.compress_prefill(PrefillInputs.from_forward(self, query, mask, scaling, num_layers, query.shape[2]))
             return out
         chunks = list(zip(self.key_chunks, self.value_chunks))
         if self.tail_len:
@@ -174,19 +217,21 @@ class SparKLayer(CacheLayerMixin):
         return mask.gather(-1, (pos + offset).unsqueeze(2).expand(b, h, q_len, pos.shape[-1]))
 
     # --- compression ------------------------------------------------------------------------
-    def compress_prefill(self, module, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> None:
-        """End of prefill: evict tokens (if the method does), then pack the surviving keys."""
+    def compress_prefill(self, inputs: "PrefillInputs") -> None:
+        """End of prefill: evict tokens (if the method says so), then pack the surviving keys."""
         config = self.config
-        keys, values = self.tail_keys, self.tail_values
+        keys, values = inputs.keys, inputs.values
         b, h, s, _ = keys.shape
-        q_len = query.shape[2]
-        valid_q = _query_valid(mask, q_len, s, b)
+        query, valid_q = inputs.queries, inputs.valid
+        if config.eviction is not None and query.shape[2] < min(config.eviction_window, s):
+            raise ValueError(f"eviction_window={config.eviction_window} needs more prefill queries than were recorded ({query.shape[2]})")
         positions = None
         if config.eviction is not None:
-            num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-            budget = resolve_budget(config, s, self.layer_idx, num_layers)
-            keys, values, positions = evict_tokens(config, keys, values, query, mask, budget, scaling, valid_q)
-        w = min(config.window_size, q_len)
+            budget = resolve_budget(config, s, self.layer_idx, inputs.num_layers)
+            keys, values, positions = evict_tokens(config, keys, values, query, inputs.mask_rows, budget, inputs.scaling, valid_q)
+        w = min(config.window_size, s)
+        if w > query.shape[2]:
+            raise ValueError(f"window_size={config.window_size} needs more prefill queries than were recorded ({query.shape[2]})")
         window_mask = None if valid_q is None else valid_q[:, -w:]
         self.qn = window_query_norm(query[:, :, -w:], h, window_mask)
         self.key_chunks = [self._pack_keys(keys)]
@@ -351,3 +396,54 @@ class SparKCache(Cache):
         from .stats import layer_stats
 
         return [layer_stats(layer) for layer in self.layers]
+
+
+class PrefillCapture(SparKCache):
+    """A dense cache that records what compression needs, so one prefill serves many configurations.
+
+    Prefill attention is dense for every configuration (compression happens at the end of each
+    layer's prefill), so a grid of methods can share one prefill exactly:
+
+        capture = sparkkv.PrefillCapture()
+        out = model(input_ids, attention_mask=mask, **{sparkkv.CACHE_KWARG: capture})   # one dense prefill
+        cache = capture.compress(SparKConfig(method="snapkv+spark", token_budget=512))
+        # `cache` is what SparKCache(config) would hold after prefilling input_ids; decode with it.
+
+    `max_queries` is how many last prompt queries are kept per layer: it bounds the `window_size`
+    and `eviction_window` a later `compress` may use. `compress` may be called many times; every
+    cache it returns is independent (they share the recorded dense tensors, which no cache
+    modifies in place).
+    """
+
+    def __init__(self, max_queries: int = 256) -> None:
+        if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+            raise ValueError(f"max_queries must be an int >= 1, got {max_queries!r}")
+        super().__init__(SparKConfig(method="dense"))
+        self.max_queries = max_queries
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            layer = SparKLayer(self.config, len(self.layers))
+            layer.record_window = self.max_queries
+            self.layers.append(layer)
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def compress(self, config: SparKConfig | None) -> SparKCache:
+        """A new `SparKCache` for `config` (None = dense), prefilled from the recorded prefill."""
+        if config is None:
+            config = SparKConfig(method="dense")
+        if not isinstance(config, SparKConfig):
+            raise TypeError(f"config must be a SparKConfig or None, got {type(config).__name__}")
+        if not self.layers or any(layer.recorded is None for layer in self.layers):
+            raise RuntimeError("PrefillCapture.compress needs a prefill first: run model(input_ids, past_key_values=capture)")
+        if any(layer.seen != layer.recorded.keys.shape[2] for layer in self.layers):
+            raise RuntimeError("PrefillCapture.compress must be called right after the prefill (the capture was decoded further)")
+        cache = SparKCache(config)
+        for layer in self.layers:
+            new = SparKLayer(config, layer.layer_idx)
+            inputs = layer.recorded
+            new.update(inputs.keys, inputs.values)
+            if config.channel_policy != "dense":
+                new.compress_prefill(inputs)
+            cache.layers.append(new)
+        return cache
