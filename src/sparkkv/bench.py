@@ -20,7 +20,8 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .attention import grouped_attention
+from . import ops
+from .packed import DenseChunk
 from .cache import PrefillInputs, SparKLayer
 from .config import SparKConfig
 from .demo import format_table, methods_table
@@ -40,7 +41,7 @@ class _AttentionStub(nn.Module):
 def _prefilled_layer(config: SparKConfig, keys, values, window_queries, scaling):
     layer = SparKLayer(config, layer_idx=0)
     layer.update(keys, values)
-    layer.compress_prefill(PrefillInputs(keys, values, window_queries, None, None, scaling, None))
+    layer.compress_prefill(PrefillInputs(keys, values, window_queries, None, None, scaling))
     return layer
 
 
@@ -108,11 +109,11 @@ def decode_timing(context: int, kv_heads: int, groups: int, head_dim: int, dtype
 
     def dense_bmm():  # DynamicCache append + the grouped matmul attention the packed path uses
         k, v = dense_layer.update(k1, v1)
-        grouped_attention(q, [(k, v)], None, scaling)
+        ops.attend(q, [(DenseChunk(k), DenseChunk(v), None)], scaling)
         dense_layer.crop(-1)
 
     def dense_attention_only():  # the floor: grouped matmul attention over K/V already in place
-        grouped_attention(q, [(keys, values)], None, scaling)
+        ops.attend(q, [(DenseChunk(keys), DenseChunk(values), None)], scaling)
 
     rows = [
         {"path": "dense: DynamicCache append + transformers sdpa", "ms": _median_ms(dense_sdpa, steps, warmup)},
@@ -124,7 +125,7 @@ def decode_timing(context: int, kv_heads: int, groups: int, head_dim: int, dtype
 
         def packed():
             layer.update(k1, v1)
-            layer.attend(stub, q, None, scaling)
+            layer.attend(q, None, scaling)
 
         rows.append({"path": f"packed {config.name}: append + attention", "ms": _median_ms(packed, steps, warmup)})
     for r in rows:

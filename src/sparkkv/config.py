@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 SALIENCY_FORMS = ("squared", "paper")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 SELECTIONS = ("ratio", "top_p", "grouped")
 RECOVERIES = ("mean", "zero", "constant", "exponential", "normal")
 
@@ -79,6 +80,11 @@ class SparKConfig:
         seed: seed of the sampled recoveries.
 
     Decode:
+        attention_backend: how attention reads the stored chunks after prefill (sparkkv/ops.py):
+            "auto" (default: the fused C++ kernel for CPU tensors when it builds, else "torch"),
+            "torch" (the PyTorch reference), "cpu" (the fused C++ kernels), "triton" (CUDA; on
+            CPU tensors only under TRITON_INTERPRET=1). An explicit backend that cannot run raises
+            at the first forward; one that cannot serve a chunk says why (log + layer_stats()).
         compress_decode: compress generated tokens too. They enter a dense tail; when the tail
             holds more than `block_size` tokens its oldest `block_size` are compressed with the
             query norms stored at prefill. False keeps every generated token dense (the paper).
@@ -105,6 +111,7 @@ class SparKConfig:
     recovery_constant: float = 0.01
     value_prune_ratio: float = 0.0
     seed: int = 0
+    attention_backend: str = "auto"
     compress_decode: bool = True
     block_size: int = 64
     token_budget: int | float | None = None
@@ -126,6 +133,7 @@ class SparKConfig:
         if not _is_real(self.recovery_constant) or not (self.recovery_constant > 0 and math.isfinite(self.recovery_constant)):
             raise ValueError(f"recovery_constant must be a finite number > 0, got {self.recovery_constant!r}")
         _check_int("seed", self.seed, 0)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if not isinstance(self.compress_decode, bool):
             raise TypeError(f"compress_decode must be a bool, got {self.compress_decode!r}")
         _check_int("block_size", self.block_size, 1)

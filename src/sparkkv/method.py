@@ -41,8 +41,9 @@ def window_query_norm(
     if num_kv_heads < 1 or hq % num_kv_heads:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({num_kv_heads})")
     pooled = window_queries.float().reshape(b, num_kv_heads, hq // num_kv_heads, w, d).mean(dim=2)
-    if window_mask is not None:
-        pooled = pooled * window_mask.to(pooled.device, torch.float32).reshape(b, 1, w, 1)
+    if window_mask is not None:  # where(), not a product: a dropped row may hold NaN/inf
+        keep = window_mask.to(pooled.device, torch.bool).reshape(b, 1, w, 1)
+        pooled = torch.where(keep, pooled, torch.zeros_like(pooled))
     return pooled.norm(dim=2)
 
 
@@ -237,26 +238,44 @@ def compress_keys(
     return PackedTensor.from_dense(keys, keep, sign=rec.sign, scale=rec.scale, chan=rec.chan, fill=rec.fill)
 
 
-def value_scores(values: torch.Tensor) -> torch.Tensor:
+def _token_weights(token_mask: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """`[B, S]` or `[B, H, S]` bool -> float32 `[B, H, S, 1]` (1 = real token), or None."""
+    if token_mask is None:
+        return None
+    b, h, s, _ = shape
+    m = token_mask if token_mask.dim() == 3 else token_mask.unsqueeze(1)
+    return m.expand(b, h, s).unsqueeze(-1).float()
+
+
+def value_scores(values: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Query-agnostic value importance (the released code's heuristic, section 6):
     `0.7 * |v| + 0.3 * diversity / max(diversity)`, where diversity[t, c] is the variance of
-    channel c across the tokens plus the variance of token t across the channels."""
+    channel c across the tokens plus the variance of token t across the channels.
+    `token_mask` (`[B, S]` or `[B, H, S]` bool) restricts the statistics to real tokens, so a
+    padded row scores its tokens as it would alone."""
     v = values.float()
-    var_seq = v.var(dim=2, unbiased=False, keepdim=True) if v.shape[2] > 1 else torch.zeros_like(v[:, :, :1])
+    w = _token_weights(token_mask, v.shape)
+    if w is None:
+        var_seq = v.var(dim=2, unbiased=False, keepdim=True) if v.shape[2] > 1 else torch.zeros_like(v[:, :, :1])
+    else:
+        n = w.sum(dim=2, keepdim=True).clamp_min(1)
+        mean = (v * w).sum(dim=2, keepdim=True) / n
+        var_seq = ((v - mean) ** 2 * w).sum(dim=2, keepdim=True) / n
     var_chan = v.var(dim=3, unbiased=False, keepdim=True)
     diversity = var_seq + var_chan
-    peak = diversity.amax(dim=(2, 3), keepdim=True)
+    peak = (diversity if w is None else diversity * w).amax(dim=(2, 3), keepdim=True)
     diversity = torch.where(peak > 0, diversity / peak.clamp_min(1e-30), torch.zeros_like(diversity))
     return 0.7 * v.abs() + 0.3 * diversity
 
 
-def compress_values(values: torch.Tensor, ratio: float) -> PackedTensor:
+def compress_values(values: torch.Tensor, ratio: float, *, token_mask: torch.Tensor | None = None) -> PackedTensor:
     """Prune `floor(ratio * D)` value channels per token by `value_scores`; each pruned entry
-    becomes the token's mean pruned value. values `[B, Hkv, S, D]` -> `PackedTensor`."""
+    becomes the token's mean pruned value. values `[B, Hkv, S, D]` -> `PackedTensor`.
+    `token_mask` (`[B, S]` or `[B, H, S]` bool, optional) marks real (non-padding) tokens."""
     check_head_dim(values.shape[-1])
     d = values.shape[-1]
     p = pruned_count(ratio, d)
-    scores = value_scores(values)
+    scores = value_scores(values, token_mask)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if p:
         idx = scores.topk(p, dim=-1, largest=False, sorted=False).indices
@@ -266,14 +285,20 @@ def compress_values(values: torch.Tensor, ratio: float) -> PackedTensor:
     return PackedTensor.from_dense(values, keep, scale=mean_pruned)
 
 
-def think_keep_mask(keys: torch.Tensor, qn_sq_mean: torch.Tensor, ratio: float) -> torch.Tensor:
+def think_keep_mask(
+    keys: torch.Tensor, qn_sq_mean: torch.Tensor, ratio: float, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """ThinK's structured choice: one channel set per (batch, kv-head) for all tokens.
 
     Channel score `mean_window(q^2) * mean_tokens(k^2)` (`qn_sq_mean [B, Hkv, D]` is the
-    GQA-pooled `mean_window(q^2)`); keeps the top `D - floor(ratio * D)`. Returns the kept
-    channel indices, ascending: int64 `[B, Hkv, T]`.
+    GQA-pooled `mean_window(q^2)`; `token_mask` restricts the token mean to real tokens);
+    keeps the top `D - floor(ratio * D)`. Returns the kept channel indices, ascending:
+    int64 `[B, Hkv, T]`.
     """
     d = keys.shape[-1]
     t = d - pruned_count(ratio, d)
-    score = qn_sq_mean.float() * keys.float().pow(2).mean(dim=2)
+    k2 = keys.float().pow(2)
+    w = _token_weights(token_mask, keys.shape)
+    k2_mean = k2.mean(dim=2) if w is None else (k2 * w).sum(dim=2) / w.sum(dim=2).clamp_min(1)
+    score = qn_sq_mean.float() * k2_mean
     return score.topk(t, dim=-1).indices.sort(dim=-1).values
