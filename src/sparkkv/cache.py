@@ -221,10 +221,13 @@ class Block:
         """
         s = self.seq_len
         if mask is None:
-            if q_len == 1:
+            device = self.keys.tensors()[0].device
+            if q_len == 1 and self.positions is None:
                 return None
-            q_pos = torch.arange(seen - q_len, seen, device=self.keys.tensors()[0].device).view(1, 1, q_len, 1)
-            return self._positions(q_pos.device).unsqueeze(2) <= q_pos
+            q_pos = torch.arange(seen - q_len, seen, device=device).view(1, 1, q_len, 1)
+            pos = self._positions(device).unsqueeze(2)
+            visible = (pos <= q_pos) & (pos >= 0)  # filler slots (position -1) are never visible
+            return visible.expand(batch, visible.shape[1], q_len, s)
         if mask.dtype != torch.bool:
             mask = mask > torch.finfo(mask.dtype).min / 2
         mask = mask.expand(batch, *mask.shape[1:])
@@ -417,13 +420,23 @@ class SparKLayer(CacheLayerMixin):
             keys, values, positions = evict_tokens(
                 config, keys, values, query, inputs.mask_rows, budget, inputs.scaling, valid, rows_valid
             )
-            positions = positions.to(torch.int32)
             if positions.shape[-1] == s and bool((positions == torch.arange(s, device=positions.device)).all()):
                 positions = None  # nothing evicted
-        token_mask = None
-        if valid is not None:
-            token_mask = valid if positions is None else valid.unsqueeze(1).expand(b, h, s).gather(-1, positions.long())
-        self.blocks = [Block(self._pack_keys(keys, token_mask), self._pack_values(values, token_mask), start, positions)]
+        token_mask = None  # real tokens of what is stored (padding and filler slots excluded)
+        if positions is not None:
+            real = torch.ones(b, s, dtype=torch.bool, device=keys.device) if valid is None else valid
+            p = positions.long()
+            token_mask = real.unsqueeze(1).expand(b, h, s).gather(-1, p.clamp_min(0)) & (p >= 0)
+        elif valid is not None:
+            token_mask = valid
+        positions = None if positions is None else positions.to(torch.int32)
+        block = Block(self._pack_keys(keys, token_mask), self._pack_values(values, token_mask), start, positions)
+        self.blocks = [block]
+        if self.is_sliding and block.seq_len > config.block_size:
+            # expire a block at a time: one window-long block would stay whole until its last token
+            # leaves the window, holding up to twice the window
+            size = config.block_size
+            self.blocks = [block.slice_seq(i, min(i + size, block.seq_len)) for i in range(0, block.seq_len, size)]
         self.tail_keys = self.tail_values = None
         self.prefilled = True
         self.stats = {"prompt_tokens": s, "kept_tokens": keys.shape[2]}
@@ -463,10 +476,10 @@ class SparKLayer(CacheLayerMixin):
             self.tail_keys = compact(self.tail_keys[:, :, block:])
             self.tail_values = compact(self.tail_values[:, :, block:])
 
-    def _expire(self) -> None:
-        """Sliding / chunked layers: drop what no later query can see (not while recording the
-        past for a rollback: transformers then calls `crop`, which expires)."""
-        if not self.is_sliding or self.record_past:
+    def _expire(self, rollback_point: bool = False) -> None:
+        """Sliding / chunked layers: drop what no later query can see. While recording the past
+        for a rollback, only at a rollback point (`crop`), as transformers' sliding layers do."""
+        if not self.is_sliding or (self.record_past and not rollback_point):
             return
         first = self.spec.first_needed(self.seen)
         while self.blocks and self.blocks[0].last_position < first:
@@ -500,7 +513,7 @@ class SparKLayer(CacheLayerMixin):
             return
         if n:
             self._remove_last(n)
-        self._expire()
+        self._expire(rollback_point=True)
 
     def _remove_last(self, n: int) -> None:
         new_seen = self.seen - n

@@ -12,8 +12,8 @@ Padding: every row is treated as if it were alone. Its budget comes from its own
 fractional budget is a fraction of the row's real tokens; a budget at or above the row's length
 keeps the whole row), padding is never kept in place of a real token, and StreamingLLM's sinks are
 the row's first real tokens. Rows of one batch must store the same number of tokens, so a row
-whose budget is smaller than the batch's largest fills the difference with its own padding
-tokens, which the attention mask hides from every query.
+whose budget is smaller than the batch's largest fills the difference with filler slots at
+logical position -1, which every mask hides.
 
 Every (batch, kv-head) then keeps the same number of tokens; which tokens differs per head.
 Kept tokens stay in their original order and their logical positions are returned, so the
@@ -120,9 +120,14 @@ def snapkv_scores(
     return scores.view(b, h, g, s - window).mean(dim=2)
 
 
-def _pick(priority: torch.Tensor, slots: int) -> torch.Tensor:
-    """The `slots` highest-priority positions of every row, ascending: `[..., S]` -> int64 `[..., slots]`."""
-    return priority.topk(slots, dim=-1).indices.sort(dim=-1).values
+def _pick(kept: torch.Tensor, priority: torch.Tensor, slots: int) -> torch.Tensor:
+    """Positions of the `slots` highest-priority tokens of every row, where `kept` marks the
+    tokens the policy keeps (at most `slots` per row); the other picks are fillers, returned as
+    position -1 (masked everywhere). `[..., S]` -> int64 `[..., slots]`, ascending."""
+    priority = torch.where(kept, priority, torch.full_like(priority, -1.0))
+    picked = priority.topk(slots, dim=-1).indices
+    positions = torch.where(kept.gather(-1, picked), picked, torch.full_like(picked, -1))
+    return positions.sort(dim=-1).values
 
 
 def evict_tokens(
@@ -136,26 +141,25 @@ def evict_tokens(
     valid: torch.Tensor | None = None,
     window_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep `max(budgets)` tokens per (batch, kv-head): row b keeps `budgets[b]` real tokens
-    (see the module docstring) and fills the rest with its padding. Returns compact
-    `(keys, values, positions)`, positions int64 `[B, Hkv, K]` ascending. `valid [B, S]` marks
-    non-padding tokens; `window_valid [B, window]` the query rows that score (SnapKV)."""
+    """Keep `max(budgets)` slots per (batch, kv-head): row b keeps `budgets[b]` real tokens (see
+    the module docstring); a row with a smaller budget fills its other slots with filler tokens
+    at position -1, which every mask hides. Returns compact `(keys, values, positions)`,
+    positions int64 `[B, Hkv, K]` ascending. `valid [B, S]` marks non-padding tokens;
+    `window_valid [B, n]` the last query rows that may score (SnapKV)."""
     b, h, s, d = keys.shape
     device = keys.device
     budgets = budgets.to(device).expand(b)
     slots = int(budgets.max())
-    if slots >= s:
+    if slots >= s and bool((budgets == s).all()):
         positions = torch.arange(s, device=device).expand(b, h, s)
         return keys, values, positions
     real = torch.ones(b, s, dtype=torch.bool, device=device) if valid is None else valid.to(device)
-    # priority tiers: 2 = kept by the policy, 1 = padding (filler), 0 = evicted real token
     if config.eviction == "streamingllm":
         order = real.long().cumsum(-1) - 1  # index of each real token among the row's real tokens
         length = real.sum(-1, keepdim=True)
         recent = (budgets - config.sink_tokens).unsqueeze(-1)
         kept = real & ((order < config.sink_tokens) | (order >= length - recent))
-        priority = torch.where(kept, 2.0, torch.where(real, 0.0, 1.0))
-        positions = _pick(priority, slots).unsqueeze(1).expand(b, h, slots)
+        positions = _pick(kept, kept.float(), slots).unsqueeze(1).expand(b, h, slots)
     else:
         window = config.eviction_window
         older = s - window
@@ -169,12 +173,10 @@ def evict_tokens(
         order = scores.argsort(dim=-1, descending=True, stable=True)
         rank.scatter_(-1, order, torch.arange(older, device=device).expand(b, h, older))
         kept = real_older & (rank < (budgets - window).view(b, 1, 1))
-        tier = torch.where(kept, 2, torch.where(real_older, 0, 1))
-        priority = (tier * (older + 1) + (older - rank)).float()  # exact: integers < 2**24
-        picked = _pick(priority, slots - window)
+        picked = _pick(kept, (older - rank).float(), slots - window)
         window_pos = torch.arange(older, s, device=device).expand(b, h, window)
         positions = torch.cat([picked, window_pos], dim=-1)
-    index = positions.unsqueeze(-1)
+    index = positions.clamp_min(0).unsqueeze(-1)
     kept_keys = keys.gather(2, index.expand(b, h, slots, d))
     kept_values = values.gather(2, index.expand(b, h, slots, values.shape[-1]))
     return kept_keys, kept_values, positions
