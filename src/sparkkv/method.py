@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SparKConfig, pruned_count
-from .packed import PackedTensor
+from .packed import PackedTensor, scale_dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +91,8 @@ def select_channels(s: torch.Tensor, config: SparKConfig) -> torch.Tensor:
         t = d - pruned_count(config.key_prune_ratio, d)
         if t == d:
             return torch.ones_like(s, dtype=torch.bool)
-        idx = s.topk(t, dim=-1, sorted=False).indices
+        # stable: among equal saliencies the lower channel is kept (the fused kernel's rule too)
+        idx = s.argsort(dim=-1, descending=True, stable=True)[..., :t]
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
     if config.selection == "top_p":
         return _mask_from_counts(s, _mass_count(s, config.top_p))
@@ -232,10 +233,49 @@ def compress_keys(
                 f"window_queries {tuple(window_queries.shape)} do not match keys {tuple(keys.shape)} in batch or head_dim"
             )
         qn = window_query_norm(window_queries, keys.shape[1], window_mask)
+    if _fused_applies(keys, config):
+        return _compress_fused(keys, qn, config)
     s = saliency(keys, qn, config.saliency)
     keep = select_channels(s, config)
     rec = recover(keys, s, keep, qn, config, generator)
     return PackedTensor.from_dense(keys, keep, sign=rec.sign, scale=rec.scale, chan=rec.chan, fill=rec.fill)
+
+
+def _fused_applies(keys: torch.Tensor, config: SparKConfig) -> bool:
+    """The fused CPU kernel serves the fixed-ratio selection with the deterministic recoveries,
+    when the configured backend is "cpu" or "auto" and the kernel builds here."""
+    if keys.device.type != "cpu" or config.selection != "ratio" or config.recovery not in ("mean", "zero", "constant"):
+        return False
+    if config.attention_backend not in ("auto", "cpu"):
+        return False
+    from .kernels import cpu_compress
+
+    return cpu_compress.available()
+
+
+def _compress_fused(keys: torch.Tensor, qn: torch.Tensor, config: SparKConfig) -> PackedTensor:
+    """`compress_keys` through kernels/cpu_compress.cpp (same result as the steps above)."""
+    from .kernels import cpu_compress
+
+    b, h, s, d = keys.shape
+    t = d - pruned_count(config.key_prune_ratio, d)
+    recovery = config.recovery
+    vals, keep, sign, mean = cpu_compress.compress_fixed(keys, qn, t, config.saliency == "squared", recovery != "zero")
+    scale = chan = None
+    if recovery == "mean":
+        scale = mean.sqrt() if config.saliency == "squared" else mean
+        chan = inverse_saliency_factor(qn, config.saliency)
+    elif recovery == "constant":
+        chan = torch.full((b, h, d), float(config.recovery_constant), device=keys.device)
+    return PackedTensor(
+        shape=tuple(keys.shape),
+        dtype=keys.dtype,
+        vals=vals,
+        keep=keep,
+        sign=sign,
+        scale=None if scale is None else scale.to(scale_dtype(keys.dtype)),
+        chan=chan,
+    )
 
 
 def _token_weights(token_mask: torch.Tensor | None, shape) -> torch.Tensor | None:
