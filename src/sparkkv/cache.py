@@ -405,7 +405,7 @@ class SparKLayer(CacheLayerMixin):
         rows_valid = _finite_rows(query)  # [B, n]: the recorded query rows that may score
         if valid is not None:
             rows_valid = rows_valid & valid[:, s - query.shape[2] :]
-        if config.channel_policy in ("spark", "think"):
+        if config.channel_policy in ("spark", "think") and (config.compress_sliding or not self.is_sliding):
             self.qn = window_query_norm(query[:, :, -w:], h, rows_valid[:, -w:])
         start, positions = 0, None
         if self.is_sliding:
@@ -446,6 +446,8 @@ class SparKLayer(CacheLayerMixin):
         `token_mask` (`[B, S]` or `[B, H, S]` bool) marks real tokens (ThinK's channel statistics
         skip padding)."""
         config = self.config
+        if self.is_sliding and not config.compress_sliding:
+            return DenseChunk(keys)
         if config.channel_policy == "spark":
             # Seeded per layer and per block, so sampled recoveries are reproducible.
             seed = (config.seed + 7919 * self.layer_idx + 104729 * (self.seen - self.tail_len)) % 2**63
@@ -463,7 +465,7 @@ class SparKLayer(CacheLayerMixin):
         return DenseChunk(keys)
 
     def _pack_values(self, values: torch.Tensor, token_mask: torch.Tensor | None = None):
-        if self.config.value_prune_ratio > 0:
+        if self.config.value_prune_ratio > 0 and (self.config.compress_sliding or not self.is_sliding):
             return compress_values(values, self.config.value_prune_ratio, token_mask=token_mask)
         return DenseChunk(values)
 

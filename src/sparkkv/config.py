@@ -88,7 +88,12 @@ class SparKConfig:
         compress_decode: compress generated tokens too. They enter a dense tail; when the tail
             holds more than `block_size` tokens its oldest `block_size` are compressed with the
             query norms stored at prefill. False keeps every generated token dense (the paper).
-        block_size: tokens compressed at a time from the dense tail (>= 1).
+        block_size: tokens compressed at a time from the dense tail (>= 1). Sliding-window layers
+            also drop expired tokens a block at a time.
+        compress_sliding: apply the channel policy to sliding-window and chunked-attention layers
+            too (default True: on models whose layers are mostly or all sliding, such as Gemma 3
+            or Mistral with a window, that is where the memory is). False keeps those layers dense,
+            exactly as DynamicCache does. Such layers are never evicted (docs/design.md).
 
     Token eviction (applied at the end of prefill, before channel pruning):
         method: "[<eviction>+]<channel policy>"; see `parse_method`. Default "spark".
@@ -114,6 +119,7 @@ class SparKConfig:
     attention_backend: str = "auto"
     compress_decode: bool = True
     block_size: int = 64
+    compress_sliding: bool = True
     token_budget: int | float | None = None
     eviction_window: int = 64
     pool_kernel: int = 5
@@ -137,6 +143,8 @@ class SparKConfig:
         if not isinstance(self.compress_decode, bool):
             raise TypeError(f"compress_decode must be a bool, got {self.compress_decode!r}")
         _check_int("block_size", self.block_size, 1)
+        if not isinstance(self.compress_sliding, bool):
+            raise TypeError(f"compress_sliding must be a bool, got {self.compress_sliding!r}")
         _check_int("eviction_window", self.eviction_window, 1)
         _check_int("pool_kernel", self.pool_kernel, 1)
         if self.pool_kernel % 2 == 0:
