@@ -59,7 +59,7 @@ def pruned_count(ratio: float, dim: int) -> int:
 class SparKConfig:
     """How to compress the KV cache.
 
-    Channel pruning (method.md sections 3-6):
+    Channel pruning (docs/method.md sections 3-6):
         key_prune_ratio: fraction `lam` of key channels pruned per token, in [0, 1).
             `P = floor(lam * D)` pruned, `T = D - P` kept (0.5 -> 64 of 128, 0.8 -> 26 of 128).
             Used by `selection="ratio"` and by ThinK.

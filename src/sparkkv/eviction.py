@@ -1,4 +1,4 @@
-"""Token eviction at the end of prefill (method.md section 7), applied before channel pruning.
+"""Token eviction at the end of prefill (docs/method.md section 7), applied before channel pruning.
 
     snapkv        score older prompt tokens by the softmax attention of the last
                   `eviction_window` queries, averaged over the window, 1-D average-pooled

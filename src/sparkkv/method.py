@@ -1,6 +1,6 @@
 """SparK, the method, in one place: saliency -> select -> recover -> pack.
 
-Shapes (method.md section 2): keys `K [B, Hkv, S, D]` after RoPE (and any key norm), window
+Shapes (docs/method.md section 2): keys `K [B, Hkv, S, D]` after RoPE (and any key norm), window
 queries `Qw [B, Hq, W, D]` after RoPE and the model's own query norm, `Hq = G * Hkv`.
 Arithmetic runs in float32 whatever the model dtype; only the packed values keep it.
 
@@ -140,7 +140,7 @@ def recover(
     config: SparKConfig,
     generator: torch.Generator | None = None,
 ) -> Recovery:
-    """Recovery of the pruned entries (method.md section 5).
+    """Recovery of the pruned entries (docs/method.md section 5).
 
     mean:     `a_t = mean_{c pruned} s[t, c]`; entry -> `sign(K) * sqrt(a_t / qn[c])`
               (`a_t / qn[c]` for the paper's saliency form). Stored as `scale_t = sqrt(a_t)` and
@@ -288,7 +288,7 @@ def _token_weights(token_mask: torch.Tensor | None, shape) -> torch.Tensor | Non
 
 
 def value_scores(values: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Query-agnostic value importance (the released code's heuristic, section 6):
+    """Query-agnostic value importance (the released code's heuristic, docs/method.md section 6):
     `0.7 * |v| + 0.3 * diversity / max(diversity)`, where diversity[t, c] is the variance of
     channel c across the tokens plus the variance of token t across the channels.
     `token_mask` (`[B, S]` or `[B, H, S]` bool) restricts the statistics to real tokens, so a

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kernels.reference import merge_partials
-from .packed import ColumnPackedTensor, DenseChunk
+from .packed import DenseChunk
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +77,9 @@ class TorchBackend:
         return reference_partials(rows, keys, values, scaling, mask)
 
 
-def _unwrap(chunk):
-    """Kernels take dense chunks as plain tensors."""
-    return chunk.data if isinstance(chunk, DenseChunk) else chunk
-
-
-def _kernel_operands(rows, keys):
-    """ThinK columns are dense keys over their T kept channels: the query rows keep the same
-    channels. Returns the (rows, keys) a kernel reads."""
-    if isinstance(keys, ColumnPackedTensor):
-        b, h, m, _ = rows.shape
-        return rows.gather(-1, keys.idx.long().unsqueeze(2).expand(b, h, m, keys.fixed_t)), keys.vals
-    return rows, _unwrap(keys)
+def _operands(keys, values) -> tuple[object, object]:
+    """What a kernel's `can_serve` inspects: the key and value operands (rows do not matter)."""
+    return keys.kernel_keys(None)[1], values.kernel_values()
 
 
 class CpuBackend:
@@ -103,14 +94,11 @@ class CpuBackend:
         self.unavailable = cpu.unavailable_reason()
 
     def cannot_serve(self, keys, values) -> str | None:
-        if self.unavailable:
-            return self.unavailable
-        keys = keys.vals if isinstance(keys, ColumnPackedTensor) else _unwrap(keys)
-        return self.kernels.can_serve(keys, _unwrap(values))
+        return self.unavailable or self.kernels.can_serve(*_operands(keys, values))
 
     def partials(self, rows, keys, values, scaling, bias) -> Partials:
-        rows, keys = _kernel_operands(rows, keys)
-        return self.kernels.decode_partials(rows, keys, _unwrap(values), scaling, bias)
+        rows, key_operand = keys.kernel_keys(rows)
+        return self.kernels.decode_partials(rows, key_operand, values.kernel_values(), scaling, bias)
 
 
 class TritonBackend:
@@ -124,10 +112,11 @@ class TritonBackend:
         self.kernels = triton_decode
 
     def cannot_serve(self, keys, values) -> str | None:
-        return self.kernels.can_serve(_unwrap(keys), _unwrap(values))
+        return self.kernels.can_serve(*_operands(keys, values))
 
     def partials(self, rows, keys, values, scaling, bias) -> Partials:
-        return self.kernels.decode_partials(rows, _unwrap(keys), _unwrap(values), scaling, bias)
+        rows, key_operand = keys.kernel_keys(rows)
+        return self.kernels.decode_partials(rows, key_operand, values.kernel_values(), scaling, bias)
 
 
 _TORCH = TorchBackend()

@@ -135,6 +135,14 @@ class Chunk(Protocol):
     def kept_per_row(self) -> torch.Tensor:
         """int64 `[B, H, S]`: channels stored explicitly per row."""
 
+    def kernel_keys(self, query_rows: torch.Tensor | None) -> tuple[torch.Tensor | None, object]:
+        """`(query rows, operand)` for a fused kernel reading this chunk as keys: the operand is a
+        dense tensor or a `PackedTensor` (ThinK columns: dense keys over the kept channels, with
+        the query rows' matching channels). `query_rows=None` asks for the operand only."""
+
+    def kernel_values(self) -> object:
+        """The operand a fused kernel reads for this chunk as values."""
+
     def slice_seq(self, start: int, stop: int) -> "Chunk": ...
 
     def index_batch(self, index: torch.Tensor) -> "Chunk": ...
@@ -184,6 +192,12 @@ class DenseChunk:
     def kept_per_row(self) -> torch.Tensor:
         b, h, s, d = self.data.shape
         return torch.full((b, h, s), d, dtype=torch.int64, device=self.data.device)
+
+    def kernel_keys(self, query_rows: torch.Tensor | None):
+        return query_rows, self.data
+
+    def kernel_values(self):
+        return self.data
 
     def slice_seq(self, start: int, stop: int) -> "DenseChunk":
         return DenseChunk(self.data[:, :, start:stop])
@@ -318,6 +332,12 @@ class PackedTensor:
     def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
         return reference_weighted_sum(probs, self.dense(torch.float32))
 
+    def kernel_keys(self, query_rows: torch.Tensor | None):
+        return query_rows, self
+
+    def kernel_values(self):
+        return self
+
     def full_vals(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Kept values scattered to `[B, H, S, D]` with zeros elsewhere."""
         if keep is None:
@@ -450,6 +470,16 @@ class ColumnPackedTensor:
     def kept_per_row(self) -> torch.Tensor:
         b, h, s, _ = self.shape
         return torch.full((b, h, s), self.fixed_t, dtype=torch.int64, device=self.vals.device)
+
+    def kernel_keys(self, query_rows: torch.Tensor | None):
+        """Dense keys over the T kept channels; the query rows keep the same channels."""
+        if query_rows is None:
+            return None, self.vals
+        b, h, m, _ = query_rows.shape
+        return query_rows.gather(-1, self.idx.long().unsqueeze(2).expand(b, h, m, self.fixed_t)), self.vals
+
+    def kernel_values(self):
+        return self.dense()
 
     def index_batch(self, index: torch.Tensor) -> "ColumnPackedTensor":
         index = index.to(self.vals.device)
