@@ -17,6 +17,7 @@ import os
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .compat import check_attention_call
 from .packed import ColumnPackedTensor, PackedTensor
 
 _MISUSE = (
@@ -163,10 +164,9 @@ def sparkkv_attention_forward(
 ):
     """The function registered as `"sparkkv"` in transformers' `AttentionInterface`."""
     if isinstance(key, CacheHandle):
+        check_attention_call(module, query, attention_mask, dropout, kwargs)
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        if dropout:
-            raise ValueError("sparkkv attention does not support attention dropout (it is an inference cache)")
         return key.layer.attend(module, query, attention_mask, scaling, **kwargs), None
     # No SparK cache: behave exactly like SDPA (training, DynamicCache, no cache).
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
