@@ -333,7 +333,7 @@ def markdown(outcomes: list[Outcome]) -> str:
         "    PYTHONPATH=src python tests/architectures.py --markdown docs/architectures.md",
         "",
         "from `tests/architectures.py`; `tests/test_architectures.py` checks that every architecture still has the status "
-        "listed here (the fast subset in CI, all of them with `SPARKKV_FULL_MATRIX=1`).",
+        "listed here.",
         "",
         "- **supported**: the logits match eager attention to < 1e-4 relative error at every step;",
         "- **refused**: `sparkkv.check_model_class` (before loading) or the first forward with a SparKCache raises "
