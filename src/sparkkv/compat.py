@@ -13,10 +13,11 @@ numbers or a traceback from deep inside the model:
                 (`sparkkv_mask`) runs this check at the first forward of a model loaded with
                 `attn_implementation="sparkkv"`; call it yourself *before* loading where transformers
                 fails inside `from_pretrained` (see `LOAD_FAILURES`).
-  call level    `check_attention_call(module, query, kwargs)`: at every attention call that reaches a
-                `SparKCache`, the arguments the model passes (attention sinks, logit softcapping,
-                position bias, sparse indices, non-causal attention, dropout...). Unknown arguments are
-                refused too: the packed path cannot honour what it does not know.
+  call level    `check_attention_call(module, query, attention_mask, dropout, kwargs)`: at every
+                attention call that reaches a `SparKCache`, what the model asks of the attention
+                function (attention sinks, logit softcapping, position bias, sparse indices, a
+                non-causal module without a mask, dropout, head_dim...). Unknown keyword arguments
+                are refused too: the packed path cannot honour what it does not know.
 
 Both checks are pure (they inspect classes, configs and keyword names; they never run the model),
 and the lists below are plain data, so supporting a feature later means deleting one entry.
@@ -133,11 +134,11 @@ def check_attention_call(
 # ---------------------------------------------------------------------------------------------
 # model level: the model's code and layer kinds
 # ---------------------------------------------------------------------------------------------
-# transformers model packages (transformers/models/<package>) that call the attention function
-# through AttentionInterface but do more with what the cache returns than pass it on: they read or
-# transform the cached keys/values before that call. Found by tests/test_architectures.py with
-# transformers 5.24. (Models that cache a latent and expand it, MLA-style, are found structurally:
-# see `_caches_latents`.)
+# transformers model packages (transformers/models/<package>) that pass transformers' own
+# AttentionInterface test but cannot use a SparKCache: their attention code reads or transforms the
+# cached keys/values before (or instead of) calling the attention function, or they have no
+# attention at all. Found by tests/test_architectures.py with transformers 5.24. (Models that cache
+# a latent and expand it, MLA-style, are found structurally: see `_caches_latents`.)
 INCOMPATIBLE_PACKAGES: dict[str, str] = {
     "diffllama": "splits the cached values into two halves before calling the attention function",
     "doge": "computes its dynamic attention mask from the cached values",
@@ -261,9 +262,30 @@ def unsupported_reason(model: Any) -> str | None:
             config = cls.config_class()
         except Exception:  # noqa: BLE001 - a class without a default config is judged by its code only
             config = None
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     decoder = cls if text is config else _class_for_config(type(text))
     return _classes_reason(cls, decoder) or (None if text is None else _layer_reason(text))
+
+
+def _text_config(config: PretrainedConfig | None) -> PretrainedConfig | None:
+    """The decoder's config of a multimodal config, else the config itself (class-level test
+    first: reading attributes of a config instance is slow)."""
+    if config is None or not type(config).sub_configs:
+        return config
+    return config.get_text_config(decoder=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _config_class_reason(config_class: type) -> str | None:
+    """`_classes_reason` for the model class of a config class (its decoder found from the
+    class's default config)."""
+    cls = _class_for_config(config_class)
+    try:
+        text_class = type(_text_config(config_class()))
+    except Exception:  # noqa: BLE001 - no default config: judge the class itself
+        text_class = config_class
+    decoder = cls if text_class is config_class else _class_for_config(text_class)
+    return _classes_reason(cls, decoder)
 
 
 def _label(model: Any) -> str:
@@ -294,5 +316,8 @@ def sparkkv_mask(*args, config: PretrainedConfig | None = None, **kwargs):
     be refused whatever its attention code does with the cache (the class check is memoized).
     """
     if config is not None and "allow_is_bidirectional_skip" not in kwargs:  # encoder masks never meet a cache
-        check_model_class(config)
+        text = _text_config(config)
+        reason = _config_class_reason(type(config)) or _layer_reason(text)
+        if reason is not None:
+            raise UnsupportedModelError(_label(config), reason)
     return sdpa_mask(*args, config=config, **kwargs)
