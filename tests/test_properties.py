@@ -3,11 +3,13 @@
 For random shapes (odd lengths, S = 1, GQA groups 1..8, batch 1..3, D = 8..256), dtypes, ratios,
 selections and recoveries, every call either raises one `TypeError`/`ValueError` naming the bad
 argument, or returns an output that is finite (the inputs are) and matches the float64
-reference of tests/reference.py. Hypothesis draws fresh cases every run; a failure prints the
-`@reproduce_failure` blob that replays it.
+reference of tests/reference.py. Hypothesis draws fresh cases every run (60 per test;
+SPARKKV_HYPOTHESIS_EXAMPLES=500 for a longer search); a failure prints the `@reproduce_failure`
+blob that replays it.
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -20,8 +22,10 @@ from sparkkv import SparKCache, SparKConfig, compress_keys, compress_values
 from sparkkv.config import RECOVERIES, SALIENCY_FORMS, SEED_MAX, SELECTIONS
 
 PROPERTY = settings(
-    max_examples=int(__import__("os").environ.get("SPARKKV_HYPOTHESIS_EXAMPLES", 60)), deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=int(os.environ.get("SPARKKV_HYPOTHESIS_EXAMPLES", 60)), deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
 )
+# one mutation of a valid case per test id: every mutation runs on several random cases
+PER_MUTATION = settings(PROPERTY, max_examples=max(2, PROPERTY.max_examples // 6))
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # tolerance of the recovered entries against float64: the recovery scale is stored in the model dtype
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -194,9 +198,10 @@ KEY_MUTATIONS = {  # name -> (mutate(keys, queries, mask, config, i) -> kwargs, 
 }
 
 
-@PROPERTY
-@given(key_cases(), st.sampled_from(sorted(KEY_MUTATIONS)), st.integers(0, 10**6))
-def test_compress_keys_bad_arguments_raise_naming_them(case, mutation, i):
+@pytest.mark.parametrize("mutation", sorted(KEY_MUTATIONS))
+@PER_MUTATION
+@given(case=key_cases(), i=st.integers(0, 10**6))
+def test_compress_keys_bad_arguments_raise_naming_them(mutation, case, i):
     keys, queries, mask, config = case
     mutate, error, named = KEY_MUTATIONS[mutation]
     kwargs = dict(keys=keys, window_queries=queries, config=config, window_mask=mask)
@@ -248,9 +253,10 @@ BAD_RATIOS = [1.0, 1.5, -0.5, -1e-9, float("nan"), float("inf"), -float("inf")]
 BAD_RATIO_TYPES = ["a", "0.5", None, True, torch.tensor(0.5), [0.5], 1j]
 
 
-@PROPERTY
-@given(value_cases(), st.sampled_from(BAD_RATIOS + BAD_RATIO_TYPES))
-def test_compress_values_bad_ratio_names_ratio(case, ratio):
+@pytest.mark.parametrize("ratio", BAD_RATIOS + BAD_RATIO_TYPES, ids=repr)
+@PER_MUTATION
+@given(case=value_cases())
+def test_compress_values_bad_ratio_names_ratio(ratio, case):
     values, _ = case
     error = ValueError if isinstance(ratio, float) else TypeError
     with pytest.raises(error, match=r"ratio must be a number in \[0, 1\)"):
@@ -269,9 +275,10 @@ VALUE_MUTATIONS = {
 }
 
 
-@PROPERTY
-@given(value_cases(), st.sampled_from(sorted(VALUE_MUTATIONS)), st.integers(0, 10**6))
-def test_compress_values_bad_values_name_values(case, mutation, i):
+@pytest.mark.parametrize("mutation", sorted(VALUE_MUTATIONS))
+@PER_MUTATION
+@given(case=value_cases(), i=st.integers(0, 10**6))
+def test_compress_values_bad_values_name_values(mutation, case, i):
     values, ratio = case
     mutate, error = VALUE_MUTATIONS[mutation]
     with pytest.raises(error, match="values|head_dim=12"):
