@@ -97,3 +97,38 @@ def ref_attention(query, keys, values, mask, scaling):
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
     return (logits.softmax(-1) @ v).transpose(1, 2)
+
+
+def ref_value_pruned(values, ratio):
+    """Value pruning with mean fill, row by row in float64: (dense [B, H, S, D], keep mask, scores).
+
+    score[t, c] = 0.7 |v| + 0.3 * diversity / max(diversity), diversity[t, c] = var over tokens of
+    channel c + var over channels of token t (population variances); the floor(ratio * D) lowest
+    scores of a token are pruned and become the token's mean pruned value."""
+    b, h, s, d = values.shape
+    v = values.double()
+    p = int(math.floor(ratio * d + 1e-9))
+    out = v.clone()
+    keep = torch.ones(v.shape, dtype=torch.bool)
+    scores = torch.zeros_like(v)
+    for bi in range(b):
+        for hi in range(h):
+            x = v[bi, hi]
+            col_mean = [sum(x[t, c].item() for t in range(s)) / s for c in range(d)]
+            var_seq = [sum((x[t, c].item() - col_mean[c]) ** 2 for t in range(s)) / s for c in range(d)]
+            var_chan = []
+            for t in range(s):
+                m = sum(x[t].tolist()) / d
+                var_chan.append(sum((e - m) ** 2 for e in x[t].tolist()) / d)
+            div = [[var_seq[c] + var_chan[t] for c in range(d)] for t in range(s)]
+            peak = max(max(row) for row in div)
+            for t in range(s):
+                for c in range(d):
+                    scores[bi, hi, t, c] = 0.7 * abs(x[t, c].item()) + 0.3 * (div[t][c] / peak if peak > 0 else 0.0)
+                pruned = sorted(range(d), key=lambda c: scores[bi, hi, t, c].item())[:p]
+                if pruned:
+                    fill = sum(x[t, c].item() for c in pruned) / len(pruned)
+                    for c in pruned:
+                        out[bi, hi, t, c] = fill
+                        keep[bi, hi, t, c] = False
+    return out, keep, scores

@@ -35,8 +35,12 @@ def test_fused_equals_reference(seed, dtype, d, saliency, recovery):
 
 
 def test_nan_key_stays_kept(seed):
+    """Inside a cache (the unchecked core; the public function refuses NaN) a NaN key is kept."""
+    from sparkkv.method import _compress_keys, window_query_norm
+
     keys = torch.randn(1, 1, 5, 16)
     keys[0, 0, 2, 7] = float("nan")
-    packed = compress_keys(keys, torch.randn(1, 2, 4, 16), SparKConfig(key_prune_ratio=0.75, attention_backend="cpu"))
+    qn = window_query_norm(torch.randn(1, 2, 4, 16), 1)
+    packed = _compress_keys(keys, qn, SparKConfig(key_prune_ratio=0.75, attention_backend="cpu"))
     assert packed.keep_mask()[0, 0, 2, 7]
     assert torch.isfinite(packed.dense()[0, 0, [0, 1, 3, 4]]).all()

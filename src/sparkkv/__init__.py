@@ -12,10 +12,11 @@ with transformers, so `attn_implementation="sparkkv"` works in `from_pretrained`
 import transformers
 from packaging.version import Version
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import sparkkv_attention_forward
 from .cache import PrefillCapture, SparKCache, SparKLayer
+from .compat import UnsupportedModelError, check_model_class, sparkkv_mask
 from .config import SparKConfig
 from .method import compress_keys, compress_values
 from .packed import ColumnPackedTensor, PackedTensor
@@ -27,9 +28,10 @@ ATTN_IMPLEMENTATION = "sparkkv"
 # name. `model(ids, **{sparkkv.CACHE_KWARG: cache})` works on every supported release.
 CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
 
-# The attention function accepts SDPA's boolean masks (True = attend), so it reuses SDPA's mask.
+# The attention function accepts SDPA's boolean masks (True = attend), so it reuses SDPA's mask;
+# the mask function also refuses models a SparKCache cannot serve, at their first forward.
 AttentionInterface.register(ATTN_IMPLEMENTATION, sparkkv_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sparkkv_mask)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -40,6 +42,8 @@ __all__ = [
     "SparKCache",
     "SparKConfig",
     "SparKLayer",
+    "UnsupportedModelError",
+    "check_model_class",
     "compress_keys",
     "compress_values",
 ]

@@ -19,6 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import ops
 from .cache import CacheHandle, PrefillCapture, PrefillInputs
+from .compat import check_attention_call
 
 def _prefill_rows(layer, cache) -> int:
     """How many of the last prompt queries compression reads."""
@@ -43,13 +44,20 @@ def sparkkv_attention_forward(
         # No SparK cache: exactly SDPA (training, DynamicCache, no cache).
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer, cache = key.layer, key.cache
+    sinks = kwargs.pop("s_aux", None)  # attention sinks (GPT-OSS): one logit per query head
+    check_attention_call(module, query, attention_mask, dropout, kwargs)  # refuse what we do not implement
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if dropout:
-        raise ValueError("sparkkv attention does not support attention dropout (it is an inference cache)")
     if cache is not None and cache.specs is None and hasattr(module, "config"):
         cache.bind(module.config)
-    sinks = kwargs.pop("s_aux", None)
+    if getattr(module, "layer_idx", layer.layer_idx) != layer.layer_idx:
+        # KV sharing (Gemma 3n): this layer reads another layer's keys/values. In the forward
+        # that prefilled them, the owner kept the dense prompt on the handle, as DynamicCache
+        # returns its full states; afterwards the owner's storage is read without changing it.
+        if key.prompt is not None:
+            out, _ = sdpa_attention_forward(module, query, *key.prompt, attention_mask, scaling=scaling, **kwargs)
+            return out, None
+        return layer.attend(query, attention_mask, scaling, sinks, owner=False), None
     if layer.needs_prefill:
         keys, values = layer.prompt()
         if sinks is None:

@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import ops
 from .config import SparKConfig
 from .eviction import evict_tokens, resolve_budgets
-from .method import check_head_dim, compress_keys, compress_values, think_keep_mask, window_query_norm
+from .method import _compress_keys, _compress_values, check_head_dim, think_keep_mask, window_query_norm
 from .packed import ColumnPackedTensor, DenseChunk, compact, storage_nbytes
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ _MISUSE = (
     "attn_implementation='sparkkv' (after `import sparkkv`), e.g. "
     "AutoModelForCausalLM.from_pretrained(path, attn_implementation='sparkkv') or "
     "model.set_attn_implementation('sparkkv'). Models whose attention does not go through "
-    "transformers' AttentionInterface cannot use a SparKCache."
+    "transformers' AttentionInterface cannot use a SparKCache; if the model was loaded with 'sparkkv', "
+    "its attention code uses the cache's output itself: sparkkv.check_model_class(model) names the reason."
 )
 
 
@@ -59,11 +60,14 @@ class CacheHandle:
     treats it as a tensor gets a `TypeError` explaining how to load the model.
     """
 
-    __slots__ = ("layer", "cache")
+    __slots__ = ("layer", "cache", "prompt")
 
-    def __init__(self, layer, cache=None) -> None:
+    def __init__(self, layer, cache=None, prompt=None) -> None:
         self.layer = layer
         self.cache = cache
+        # The dense (keys, values) of a prefill forward, for layers that reuse this layer's keys
+        # and values (KV sharing, Gemma 3n) in the same forward; freed with the handle.
+        self.prompt = prompt
 
     def __getattr__(self, name):
         raise TypeError(f"{_MISUSE} (attribute {name!r} was requested from the cache handle)")
@@ -372,20 +376,39 @@ class SparKLayer(CacheLayerMixin):
         """The dense K/V of the prefill forward `[B, H, S, D]`."""
         return self.tail_keys, self.tail_values
 
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, sinks: torch.Tensor | None = None):
+    def attend(
+        self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, sinks: torch.Tensor | None = None, *, owner: bool = True
+    ):
         """Attention output `[B, q, Hq, Dv]` of `query [B, Hq, q, D]` (the new tokens' queries) over
-        every stored token; `mask`: transformers' mask for this forward (see `Block.mask`)."""
+        every stored token; `mask`: transformers' mask for this forward (see `Block.mask`).
+        `owner=False`: another layer reads this one's keys/values (KV sharing): nothing changes."""
         if self.backend is None:
             self.backend = ops.resolve_backend(self.config.attention_backend, query.device)
         b, q_len = query.shape[0], query.shape[2]
         blocks = self.blocks + ([self._tail_block()] if self.tail_len else [])
-        parts = [(blk.keys, blk.values, blk.mask(mask, self.seen, q_len, b)) for blk in blocks]
+        parts = [(blk.keys, blk.values, self._window(blk, blk.mask(mask, self.seen, q_len, b), q_len, b)) for blk in blocks]
         out = ops.attend(query, parts, scaling, self.backend, sinks, self.backend_report)
         del parts, blocks
-        if self.config.compress_decode:
-            self._compress_tail()
-        self._expire()
+        if owner:
+            if self.config.compress_decode:
+                self._compress_tail()
+            self._expire()
         return out
+
+    def _window(self, block: Block, mask: torch.Tensor | None, q_len: int, batch: int) -> torch.Tensor | None:
+        """Sliding / chunked layers also hide, themselves, what lies outside each query's window
+        (a block may still hold a few expired tokens; and some models, Moshi, give a full causal
+        mask and let the cache's storage make the window)."""
+        if not self.is_sliding:
+            return mask
+        q_pos = range(self.seen - q_len, self.seen)
+        lowest = [self.spec.first_needed(p) for p in q_pos]
+        if block.positions is None and block.start >= max(lowest):
+            return mask  # every query sees the whole block
+        device = block.keys.tensors()[0].device
+        bound = torch.tensor(lowest, device=device).view(1, 1, q_len, 1)
+        visible = (block._positions(device).unsqueeze(2) >= bound).expand(batch, -1, q_len, block.seq_len)
+        return visible if mask is None else mask & visible
 
     def _tail_block(self) -> Block:
         return Block(DenseChunk(self.tail_keys), DenseChunk(self.tail_values), self.seen - self.tail_len)
@@ -452,7 +475,7 @@ class SparKLayer(CacheLayerMixin):
             # Seeded per layer and per block, so sampled recoveries are reproducible.
             seed = (config.seed + 7919 * self.layer_idx + 104729 * (self.seen - self.tail_len)) % 2**63
             generator = torch.Generator().manual_seed(seed)
-            packed = compress_keys(keys, None, config, qn=self.qn, generator=generator)
+            packed = _compress_keys(keys, self.qn, config, generator)
             first = self.blocks[0].keys if self.blocks else None
             if first is not None and packed.chan is not None and torch.equal(first.chan, packed.chan):
                 packed.chan = first.chan  # one per-head vector for all chunks, not one per block
@@ -466,7 +489,7 @@ class SparKLayer(CacheLayerMixin):
 
     def _pack_values(self, values: torch.Tensor, token_mask: torch.Tensor | None = None):
         if self.config.value_prune_ratio > 0 and (self.config.compress_sliding or not self.is_sliding):
-            return compress_values(values, self.config.value_prune_ratio, token_mask=token_mask)
+            return _compress_values(values, self.config.value_prune_ratio, token_mask)
         return DenseChunk(values)
 
     def _compress_tail(self) -> None:
@@ -479,11 +502,13 @@ class SparKLayer(CacheLayerMixin):
             self.tail_values = compact(self.tail_values[:, :, block:])
 
     def _expire(self, rollback_point: bool = False) -> None:
-        """Sliding / chunked layers: drop what no later query can see. While recording the past
-        for a rollback, only at a rollback point (`crop`), as transformers' sliding layers do."""
+        """Sliding / chunked layers: drop what neither the current query nor a later one can see
+        (the current one too: with KV sharing, other layers of the same forward still read this
+        layer). While recording the past for a rollback, only at a rollback point (`crop`), as
+        transformers' sliding layers do."""
         if not self.is_sliding or (self.record_past and not rollback_point):
             return
-        first = self.spec.first_needed(self.seen)
+        first = self.spec.first_needed(max(self.seen - 1, 0))
         while self.blocks and self.blocks[0].last_position < first:
             self.blocks.pop(0)
         tail_start = self.seen - self.tail_len
@@ -630,8 +655,9 @@ class SparKCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(len(self.layers)))
-        self.layers[layer_idx].update(key_states, value_states)
-        handle = CacheHandle(self.layers[layer_idx], self)
+        layer = self.layers[layer_idx]
+        layer.update(key_states, value_states)
+        handle = CacheHandle(layer, self, layer.prompt() if layer.needs_prefill else None)
         return handle, handle
 
     @property

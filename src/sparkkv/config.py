@@ -16,6 +16,12 @@ ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 SELECTIONS = ("ratio", "top_p", "grouped")
 RECOVERIES = ("mean", "zero", "constant", "exponential", "normal")
 
+# Largest accepted `seed`. The cache seeds each compressed block with
+# `seed + 7919 * layer + 104729 * first_token` (sparkkv/cache.py) and `torch.Generator.manual_seed`
+# accepts at most 2**64 - 1, so capping the seed at 2**63 - 1 leaves room for 2**63 / 104729
+# (~8.8e13) tokens of offsets.
+SEED_MAX = 2**63 - 1
+
 # method = "[<eviction>+]<channel>"; "dense" means no compression at all.
 EVICTIONS = ("snapkv", "pyramidkv", "streamingllm")
 CHANNEL_POLICIES = ("spark", "think", "none")
@@ -77,7 +83,7 @@ class SparKConfig:
         recovery_constant: magnitude used by `recovery="constant"` (> 0, default 0.01).
         value_prune_ratio: fraction of value channels pruned per token with mean fill, in [0, 1)
             (0 = values stay dense, the default and the paper's headline setting).
-        seed: seed of the sampled recoveries.
+        seed: seed of the sampled recoveries, an int in [0, 2**63 - 1] (`SEED_MAX`).
 
     Decode:
         attention_backend: how attention reads the stored chunks after prefill (sparkkv/ops.py):
@@ -139,6 +145,11 @@ class SparKConfig:
         if not _is_real(self.recovery_constant) or not (self.recovery_constant > 0 and math.isfinite(self.recovery_constant)):
             raise ValueError(f"recovery_constant must be a finite number > 0, got {self.recovery_constant!r}")
         _check_int("seed", self.seed, 0)
+        if self.seed > SEED_MAX:
+            raise ValueError(
+                f"seed must be an int in [0, 2**63 - 1], got {self.seed}: the cache adds per-layer and per-block "
+                "offsets to it and torch.Generator.manual_seed takes at most 2**64 - 1"
+            )
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if not isinstance(self.compress_decode, bool):
             raise TypeError(f"compress_decode must be a bool, got {self.compress_decode!r}")

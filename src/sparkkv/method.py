@@ -205,6 +205,112 @@ def check_head_dim(d: int) -> None:
         raise ValueError(f"head_dim={d} cannot be packed: sparkkv stores one bit per channel in bytes, so head_dim must be a positive multiple of 8")
 
 
+# Public-boundary validation (compress_keys / compress_values). The cache calls the unchecked cores
+# (_compress_keys / _compress_values) once per block, so none of this runs on its hot path.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, x, layout: str) -> None:
+    """`x` must be a floating-point torch.Tensor whose shape is `layout` (e.g. "[B, Hkv, S, D]"),
+    every dimension >= 1."""
+    if not isinstance(x, torch.Tensor):
+        hint = " (convert it with torch.from_numpy)" if type(x).__module__.split(".")[0] == "numpy" else ""
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}{hint}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {x.dtype}")
+    ndim = layout.count(",") + 1
+    if x.dim() != ndim or 0 in x.shape:
+        raise ValueError(f"{name} must be a {ndim}-D tensor {layout} with every dimension >= 1, got shape {tuple(x.shape)}")
+
+
+def _check_same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} on {ref.device}: put them on the same device")
+
+
+def _check_finite(name: str, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """No NaN/inf in `x` (in its rows selected by the bool `rows`, when given); see docs/nonfinite.md."""
+    bad = ~torch.isfinite(x)
+    if rows is not None:
+        bad = bad & rows
+    count = int(bad.sum())
+    if count:
+        raise ValueError(
+            f"{name} holds {count} NaN/inf entr{'y' if count == 1 else 'ies'}: sparkkv's public functions take finite "
+            "input only (one non-finite entry would spread over a whole token or key/value head; see docs/nonfinite.md)"
+        )
+
+
+def _check_compress_keys_args(keys, window_queries, config, window_mask, qn, generator) -> SparKConfig:
+    """Validate `compress_keys`' arguments; returns the config to use."""
+    if config is None:
+        config = SparKConfig()
+    elif not isinstance(config, SparKConfig):
+        hint = " (SparKConfig.from_dict builds one from a dict)" if isinstance(config, dict) else ""
+        raise TypeError(f"config must be a SparKConfig or None, got {type(config).__name__}{hint}")
+    if config.channel_policy != "spark":
+        raise ValueError(
+            f"compress_keys implements the 'spark' channel policy; config.method={config.method!r} names "
+            f"{config.channel_policy!r} (use a SparKCache for other methods)"
+        )
+    _check_tensor("keys", keys, "[B, Hkv, S, D]")
+    b, h, _, d = keys.shape
+    check_head_dim(d)
+    if (window_queries is None) == (qn is None):
+        raise ValueError("compress_keys needs exactly one of window_queries [B, Hq, W, D] and qn [B, Hkv, D]")
+    if qn is not None:
+        _check_tensor("qn", qn, "[B, Hkv, D]")
+        if tuple(qn.shape) != (b, h, d):
+            raise ValueError(f"qn must be [B, Hkv, D] = {[b, h, d]} to match keys {tuple(keys.shape)}, got {tuple(qn.shape)}")
+        _check_same_device("qn", qn, "keys", keys)
+        _check_finite("qn", qn)
+        if bool((qn < 0).any()):
+            raise ValueError("qn holds negative entries; it is a per-channel norm (>= 0)")
+        if window_mask is not None:
+            raise ValueError("window_mask applies to window_queries; it cannot be combined with qn")
+    else:
+        _check_tensor("window_queries", window_queries, "[B, Hq, W, D]")
+        bq, hq, w, dq = window_queries.shape
+        if bq != b or dq != d:
+            raise ValueError(
+                f"window_queries {tuple(window_queries.shape)} do not match keys {tuple(keys.shape)} in batch or head_dim"
+            )
+        if hq % h:
+            raise ValueError(f"window_queries have {hq} heads, which is not a multiple of key/value heads (keys have {h})")
+        _check_same_device("window_queries", window_queries, "keys", keys)
+        rows = None
+        if window_mask is not None:
+            if not isinstance(window_mask, torch.Tensor) or window_mask.dtype != torch.bool:
+                raise TypeError(f"window_mask must be a bool torch.Tensor [B, W] (True = real query), got {_describe(window_mask)}")
+            if tuple(window_mask.shape) != (b, w):
+                raise ValueError(f"window_mask must be [B, W] = {[b, w]}, got shape {tuple(window_mask.shape)}")
+            _check_same_device("window_mask", window_mask, "keys", keys)
+            empty = (~window_mask.any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(f"window_mask masks out every query of batch rows {empty}: a window needs at least one real query")
+            rows = window_mask.reshape(b, 1, w, 1)
+        _check_finite("window_queries", window_queries, rows)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _check_finite("keys", keys)
+    return config
+
+
+def _describe(x) -> str:
+    return f"a tensor of {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _compress_keys(keys: torch.Tensor, qn: torch.Tensor, config: SparKConfig, generator: torch.Generator | None = None) -> PackedTensor:
+    """`compress_keys` without validation, for callers that own their inputs (the cache, per block):
+    keys `[B, Hkv, S, D]`, qn float32 `[B, Hkv, D]` -> `PackedTensor`."""
+    if _fused_applies(keys, config):
+        return _compress_fused(keys, qn, config)
+    s = saliency(keys, qn, config.saliency)
+    keep = select_channels(s, config)
+    rec = recover(keys, s, keep, qn, config, generator)
+    return PackedTensor.from_dense(keys, keep, sign=rec.sign, scale=rec.scale, chan=rec.chan, fill=rec.fill)
+
+
 def compress_keys(
     keys: torch.Tensor,
     window_queries: torch.Tensor | None,
@@ -216,35 +322,26 @@ def compress_keys(
 ) -> PackedTensor:
     """Prune and pack keys with SparK.
 
-    keys `[B, Hkv, S, D]`; window_queries `[B, Hq, W, D]` (the last W prompt queries, after
-    RoPE and the model's query norm); `window_mask [B, W]` marks real (non-padding) queries.
-    Pass `qn [B, Hkv, D]` instead of the queries to reuse stored query norms (decode blocks).
+    keys `[B, Hkv, S, D]` (floating point, finite, D a multiple of 8); window_queries
+    `[B, Hq, W, D]` (the last W >= 1 prompt queries, after RoPE and the model's query norm,
+    `Hq` a multiple of `Hkv`); `window_mask [B, W]` (bool) marks real (non-padding) queries,
+    at least one per row. Pass `qn [B, Hkv, D]` instead of the queries to reuse stored query
+    norms. `config`: a `SparKConfig` whose channel policy is "spark" (None: the defaults).
     Returns a `PackedTensor`: `.dense()` -> `[B, Hkv, S, D]` keys attention sees, `.nbytes`.
+    Bad arguments raise `TypeError`/`ValueError` naming the argument (docs/nonfinite.md for NaN/inf).
     """
-    config = config or SparKConfig()
-    if keys.dim() != 4:
-        raise ValueError(f"keys must be [B, Hkv, S, D], got shape {tuple(keys.shape)}")
-    check_head_dim(keys.shape[-1])
+    config = _check_compress_keys_args(keys, window_queries, config, window_mask, qn, generator)
     if qn is None:
-        if window_queries is None:
-            raise ValueError("compress_keys needs window_queries or qn")
-        if window_queries.shape[0] != keys.shape[0] or window_queries.shape[-1] != keys.shape[-1]:
-            raise ValueError(
-                f"window_queries {tuple(window_queries.shape)} do not match keys {tuple(keys.shape)} in batch or head_dim"
-            )
         qn = window_query_norm(window_queries, keys.shape[1], window_mask)
-    if _fused_applies(keys, config):
-        return _compress_fused(keys, qn, config)
-    s = saliency(keys, qn, config.saliency)
-    keep = select_channels(s, config)
-    rec = recover(keys, s, keep, qn, config, generator)
-    return PackedTensor.from_dense(keys, keep, sign=rec.sign, scale=rec.scale, chan=rec.chan, fill=rec.fill)
+    return _compress_keys(keys, qn.float(), config, generator)
 
 
 def _fused_applies(keys: torch.Tensor, config: SparKConfig) -> bool:
     """The fused CPU kernel serves the fixed-ratio selection with the deterministic recoveries,
     when the configured backend is "cpu" or "auto" and the kernel builds here."""
     if keys.device.type != "cpu" or config.selection != "ratio" or config.recovery not in ("mean", "zero", "constant"):
+        return False
+    if keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if config.attention_backend not in ("auto", "cpu"):
         return False
@@ -308,11 +405,8 @@ def value_scores(values: torch.Tensor, token_mask: torch.Tensor | None = None) -
     return 0.7 * v.abs() + 0.3 * diversity
 
 
-def compress_values(values: torch.Tensor, ratio: float, *, token_mask: torch.Tensor | None = None) -> PackedTensor:
-    """Prune `floor(ratio * D)` value channels per token by `value_scores`; each pruned entry
-    becomes the token's mean pruned value. values `[B, Hkv, S, D]` -> `PackedTensor`.
-    `token_mask` (`[B, S]` or `[B, H, S]` bool, optional) marks real (non-padding) tokens."""
-    check_head_dim(values.shape[-1])
+def _compress_values(values: torch.Tensor, ratio: float, token_mask: torch.Tensor | None = None) -> PackedTensor:
+    """`compress_values` without validation, for callers that own their inputs (the cache, per block)."""
     d = values.shape[-1]
     p = pruned_count(ratio, d)
     scores = value_scores(values, token_mask)
@@ -323,6 +417,29 @@ def compress_values(values: torch.Tensor, ratio: float, *, token_mask: torch.Ten
     pruned = ~keep
     mean_pruned = (values.float() * pruned).sum(-1) / pruned.sum(-1).clamp_min(1)
     return PackedTensor.from_dense(values, keep, scale=mean_pruned)
+
+
+def compress_values(values: torch.Tensor, ratio: float, *, token_mask: torch.Tensor | None = None) -> PackedTensor:
+    """Prune `floor(ratio * D)` value channels per token by `value_scores`; each pruned entry
+    becomes the token's mean pruned value. values `[B, Hkv, S, D]` (floating point, finite, D a
+    multiple of 8), `ratio` a number in [0, 1) -> `PackedTensor`. `token_mask` (`[B, S]` or
+    `[B, Hkv, S]` bool, optional) marks real (non-padding) tokens for the statistics. Bad
+    arguments raise `TypeError`/`ValueError` naming the argument."""
+    _check_tensor("values", values, "[B, Hkv, S, D]")
+    check_head_dim(values.shape[-1])
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"ratio must be a number in [0, 1), got {ratio!r} ({type(ratio).__name__})")
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if token_mask is not None:
+        b, h, s, _ = values.shape
+        if not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool:
+            raise TypeError(f"token_mask must be a bool torch.Tensor [B, S] or [B, Hkv, S], got {_describe(token_mask)}")
+        if tuple(token_mask.shape) not in ((b, s), (b, h, s)):
+            raise ValueError(f"token_mask must be [B, S] = {[b, s]} or [B, Hkv, S] = {[b, h, s]}, got {tuple(token_mask.shape)}")
+        _check_same_device("token_mask", token_mask, "values", values)
+    _check_finite("values", values)
+    return _compress_values(values, float(ratio), token_mask)
 
 
 def think_keep_mask(
