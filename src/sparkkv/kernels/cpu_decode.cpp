@@ -533,47 +533,69 @@ inline __m512i load32_bf16(const uint16_t* v, int64_t left) {
   return left >= 32 ? _mm512_loadu_si512(v) : _mm512_maskz_loadu_epi16(0xffffu, v);
 }
 
-// bf16 dot products; q is bf16 [M4][D32] zero-padded.
+// Row `row` of bf16 keys as NC 32-channel bf16 vectors (packed rows rebuilt, fill rounded to bf16).
+template <int NC_T>
+inline void key_row_bf16(const Operand& K, const FillState& f, int64_t row, int64_t off, int NC, __m512i* kr) {
+  const uint16_t* base = static_cast<const uint16_t*>(K.vals);
+  if (!K.packed()) {
+    for (int k = 0; k < NC; ++k) kr[k] = load32_bf16(base + off + 32 * k, K.D - 32 * k);
+    return;
+  }
+  const int64_t D8 = K.d8();
+  const uint8_t* kb = K.keep + row * D8;
+  const uint8_t* sb = K.sign ? K.sign + row * D8 : nullptr;
+  const bool safe = !kRegisterExpand || off + K.row_count(row) + 32 <= K.count;
+  const float s = K.scale_at(row);
+  const __m512 sv = _mm512_set1_ps(s);
+  const __m512i magrow = magrow_bf16(s);
+  const uint16_t* p = base + off;
+  for (int k = 0; k < NC; ++k) {
+    const uint32_t km = chunk_bits(kb, 4 * k, D8), sm = sb ? chunk_bits(sb, 4 * k, D8) : 0;
+    kr[k] = expand32_bf16(p, km, fill32_bf16(f, sv, magrow, 32 * k, sm), safe);
+    p += __builtin_popcount(km);
+  }
+}
+
+// bf16 dot products; q is bf16 [M4][D32] zero-padded. Two tokens per step: their eight
+// accumulator chains interleave, which keeps more independent work in the FP scheduler than one
+// token's four chains followed by its reduction.
 template <int NC_T>
 void qk_bf16(const Operand& K, const FillState& f, int64_t row0, int n, Cursor& kc, const uint16_t* q, int64_t M4,
              int64_t D32, float* LT, const ValueRows* vr) {
   const int NC = NC_T ? NC_T : int(D32 / 32);
-  const int64_t D = K.D, D8 = K.d8();
-  const uint16_t* base = static_cast<const uint16_t*>(K.vals);
-  for (int i = 0; i < n; ++i) {
-    const int64_t row = row0 + i;
-    const int64_t off = kc.start(row);
+  for (int i = 0; i < n; i += 2) {
+    const bool two = i + 1 < n;
+    __m512i kr0[NC_T ? NC_T : 8], kr1[NC_T ? NC_T : 8];
     if (vr) vr->prefetch(i);
-    __m512i kr[NC_T ? NC_T : 8];
-    if (!K.packed()) {
-      for (int k = 0; k < NC; ++k) kr[k] = load32_bf16(base + off + 32 * k, D - 32 * k);
+    key_row_bf16<NC_T>(K, f, row0 + i, kc.start(row0 + i), NC, kr0);
+    kc.advance(row0 + i);
+    if (two) {
+      if (vr) vr->prefetch(i + 1);
+      key_row_bf16<NC_T>(K, f, row0 + i + 1, kc.start(row0 + i + 1), NC, kr1);
+      kc.advance(row0 + i + 1);
     } else {
-      const uint8_t* kb = K.keep + row * D8;
-      const uint8_t* sb = K.sign ? K.sign + row * D8 : nullptr;
-      const int64_t cnt = K.row_count(row);
-      const bool safe = off + cnt + 32 <= K.count;
-      const float s = K.scale_at(row);
-      const __m512 sv = _mm512_set1_ps(s);
-      const __m512i magrow = magrow_bf16(s);
-      const uint16_t* p = base + off;
-      for (int k = 0; k < NC; ++k) {
-        const uint32_t km = chunk_bits(kb, 4 * k, D8), sm = sb ? chunk_bits(sb, 4 * k, D8) : 0;
-        kr[k] = expand32_bf16(p, km, fill32_bf16(f, sv, magrow, 32 * k, sm), safe);
-        p += __builtin_popcount(km);
-      }
+      for (int k = 0; k < NC; ++k) kr1[k] = _mm512_setzero_si512();
     }
-    kc.advance(row);
     for (int64_t mb = 0; mb < M4 / 4; ++mb) {
       const uint16_t* q0 = q + 4 * mb * D32;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
       for (int k = 0; k < NC; ++k) {
-        const __m512bh kk = (__m512bh)kr[k];
-        a0 = _mm512_dpbf16_ps(a0, kk, (__m512bh)_mm512_loadu_si512(q0 + 32 * k));
-        a1 = _mm512_dpbf16_ps(a1, kk, (__m512bh)_mm512_loadu_si512(q0 + D32 + 32 * k));
-        a2 = _mm512_dpbf16_ps(a2, kk, (__m512bh)_mm512_loadu_si512(q0 + 2 * D32 + 32 * k));
-        a3 = _mm512_dpbf16_ps(a3, kk, (__m512bh)_mm512_loadu_si512(q0 + 3 * D32 + 32 * k));
+        const __m512bh x = (__m512bh)kr0[k], y = (__m512bh)kr1[k];
+        const __m512bh q0k = (__m512bh)_mm512_loadu_si512(q0 + 32 * k), q1k = (__m512bh)_mm512_loadu_si512(q0 + D32 + 32 * k);
+        const __m512bh q2k = (__m512bh)_mm512_loadu_si512(q0 + 2 * D32 + 32 * k);
+        const __m512bh q3k = (__m512bh)_mm512_loadu_si512(q0 + 3 * D32 + 32 * k);
+        a0 = _mm512_dpbf16_ps(a0, x, q0k);
+        b0 = _mm512_dpbf16_ps(b0, y, q0k);
+        a1 = _mm512_dpbf16_ps(a1, x, q1k);
+        b1 = _mm512_dpbf16_ps(b1, y, q1k);
+        a2 = _mm512_dpbf16_ps(a2, x, q2k);
+        b2 = _mm512_dpbf16_ps(b2, y, q2k);
+        a3 = _mm512_dpbf16_ps(a3, x, q3k);
+        b3 = _mm512_dpbf16_ps(b3, y, q3k);
       }
       _mm_storeu_ps(LT + (mb * kBlock + i) * 4, reduce4(a0, a1, a2, a3));
+      // for odd n the last slot gets a zero row's logits: kBlock is even, and softmax ignores i >= n
+      _mm_storeu_ps(LT + (mb * kBlock + i + 1) * 4, reduce4(b0, b1, b2, b3));
     }
   }
 }
