@@ -466,43 +466,60 @@ inline __m512 expand16_f32(const void* base, int64_t p, uint16_t km, __m512 fill
 }
 
 // ---- logits stage: LT[mb][i][4] = q[4mb + j] . k[row0 + i] for i < n -------------------------
-// float32 FMAs; q is float32 [M4][D16] zero-padded.
+// Row `row` of keys as NC 16-channel float32 vectors (packed rows rebuilt, fill exact).
+template <int DT>
+inline void key_row_f32(const Operand& K, const FillState& f, int64_t row, int64_t off, int NC, __m512* kr) {
+  if (!K.packed()) {
+    for (int k = 0; k < NC; ++k) kr[k] = load16_f32<DT>(K.vals, off + 16 * k);
+    return;
+  }
+  const int64_t D8 = K.d8();
+  const uint8_t* kb = K.keep + row * D8;
+  const uint8_t* sb = K.sign ? K.sign + row * D8 : nullptr;
+  const bool safe = !kRegisterExpand || off + K.row_count(row) + 32 <= K.count;
+  const __m512 sv = _mm512_set1_ps(K.scale_at(row));
+  int64_t p = off;
+  for (int k = 0; k < NC; ++k) {
+    const uint16_t km = uint16_t(load_bits16(kb + 2 * k)), sm = sb ? uint16_t(load_bits16(sb + 2 * k)) : 0;
+    kr[k] = expand16_f32<DT>(K.vals, p, km, fill16_f32(f, sv, 16 * k, sm), safe);
+    p += __builtin_popcount(km);
+  }
+}
+
+// float32 FMAs; q is float32 [M4][D16] zero-padded. Two tokens per step (see qk_bf16).
 template <int DT, int NC_T>
 void qk_f32(const Operand& K, const FillState& f, int64_t row0, int n, Cursor& kc, const float* q, int64_t M4,
             int64_t D16, float* LT, const ValueRows* vr) {
   const int NC = NC_T ? NC_T : int(D16 / 16);
-  const int64_t D8 = K.d8();
-  for (int i = 0; i < n; ++i) {
-    const int64_t row = row0 + i;
-    const int64_t off = kc.start(row);
+  for (int i = 0; i < n; i += 2) {
+    __m512 kr0[NC_T ? NC_T : 16], kr1[NC_T ? NC_T : 16];
     if (vr) vr->prefetch(i);
-    __m512 kr[NC_T ? NC_T : 16];
-    if (!K.packed()) {
-      for (int k = 0; k < NC; ++k) kr[k] = load16_f32<DT>(K.vals, off + 16 * k);
+    key_row_f32<DT>(K, f, row0 + i, kc.start(row0 + i), NC, kr0);
+    kc.advance(row0 + i);
+    if (i + 1 < n) {
+      if (vr) vr->prefetch(i + 1);
+      key_row_f32<DT>(K, f, row0 + i + 1, kc.start(row0 + i + 1), NC, kr1);
+      kc.advance(row0 + i + 1);
     } else {
-      const uint8_t* kb = K.keep + row * D8;
-      const uint8_t* sb = K.sign ? K.sign + row * D8 : nullptr;
-      const int64_t cnt = K.row_count(row);
-      const bool safe = off + cnt + 32 <= K.count;
-      const __m512 sv = _mm512_set1_ps(K.scale_at(row));
-      int64_t p = off;
-      for (int k = 0; k < NC; ++k) {
-        const uint16_t km = uint16_t(load_bits16(kb + 2 * k)), sm = sb ? uint16_t(load_bits16(sb + 2 * k)) : 0;
-        kr[k] = expand16_f32<DT>(K.vals, p, km, fill16_f32(f, sv, 16 * k, sm), safe);
-        p += __builtin_popcount(km);
-      }
+      for (int k = 0; k < NC; ++k) kr1[k] = _mm512_setzero_ps();
     }
-    kc.advance(row);
     for (int64_t mb = 0; mb < M4 / 4; ++mb) {
       const float* q0 = q + 4 * mb * D16;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
       for (int k = 0; k < NC; ++k) {
-        a0 = _mm512_fmadd_ps(kr[k], _mm512_loadu_ps(q0 + 16 * k), a0);
-        a1 = _mm512_fmadd_ps(kr[k], _mm512_loadu_ps(q0 + D16 + 16 * k), a1);
-        a2 = _mm512_fmadd_ps(kr[k], _mm512_loadu_ps(q0 + 2 * D16 + 16 * k), a2);
-        a3 = _mm512_fmadd_ps(kr[k], _mm512_loadu_ps(q0 + 3 * D16 + 16 * k), a3);
+        const __m512 q0k = _mm512_loadu_ps(q0 + 16 * k), q1k = _mm512_loadu_ps(q0 + D16 + 16 * k);
+        const __m512 q2k = _mm512_loadu_ps(q0 + 2 * D16 + 16 * k), q3k = _mm512_loadu_ps(q0 + 3 * D16 + 16 * k);
+        a0 = _mm512_fmadd_ps(kr0[k], q0k, a0);
+        b0 = _mm512_fmadd_ps(kr1[k], q0k, b0);
+        a1 = _mm512_fmadd_ps(kr0[k], q1k, a1);
+        b1 = _mm512_fmadd_ps(kr1[k], q1k, b1);
+        a2 = _mm512_fmadd_ps(kr0[k], q2k, a2);
+        b2 = _mm512_fmadd_ps(kr1[k], q2k, b2);
+        a3 = _mm512_fmadd_ps(kr0[k], q3k, a3);
+        b3 = _mm512_fmadd_ps(kr1[k], q3k, b3);
       }
       _mm_storeu_ps(LT + (mb * kBlock + i) * 4, reduce4(a0, a1, a2, a3));
+      _mm_storeu_ps(LT + (mb * kBlock + i + 1) * 4, reduce4(b0, b1, b2, b3));  // see qk_bf16 for odd n
     }
   }
 }
