@@ -138,6 +138,14 @@ def test_partials_merge_with_other_chunks(seed):
     assert rel(merge_partials(parts), reference_attention(q, whole_k, whole_v, 0.1)) < 2e-5
 
 
+def test_empty_chunk(seed):
+    keys = make_keys("mean", 1, 2, 0, 64, torch.bfloat16)
+    values = make_values("dense", 1, 2, 0, 64, torch.bfloat16)
+    m, l, acc = cpu.decode_partials(torch.randn(1, 2, 4, 64), keys, values, 0.1)
+    assert torch.isinf(m).all() and (l == 0).all() and acc.shape == (1, 2, 1, 4, 64) and (acc == 0).all()
+    assert cpu.packed_qk(torch.randn(1, 2, 4, 64), keys).shape == (1, 2, 4, 0)
+
+
 def test_threads_do_not_change_results(seed):
     keys = make_keys("top_p", 1, 4, 700, 128, torch.bfloat16)
     values = make_values("0.8", 1, 4, 700, 128, torch.bfloat16)

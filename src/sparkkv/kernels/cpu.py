@@ -108,15 +108,20 @@ def _operand_problem(name: str, x) -> str | None:
     return None
 
 
-def can_serve(keys, values) -> str | None:
-    """None when `decode_partials` handles this (keys, values) pair, else the reason (one sentence)."""
+def _pair_problem(keys, values) -> str | None:
+    """Why the kernel cannot read this (keys, values) pair, whether or not it is built."""
     for name, x in (("keys", keys), ("values", values)):
         problem = _operand_problem(name, x)
         if problem:
             return problem
     if tuple(keys.shape[:3]) != tuple(values.shape[:3]):
         return f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in batch, heads or length"
-    return unavailable_reason()
+    return None
+
+
+def can_serve(keys, values) -> str | None:
+    """None when `decode_partials` handles this (keys, values) pair, else the reason (one sentence)."""
+    return _pair_problem(keys, values) or unavailable_reason()
 
 
 def supports(packed: PackedTensor) -> bool:
@@ -166,9 +171,11 @@ def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits:
 
     Returns float32 `m [B, H, P, M]`, `l [B, H, P, M]`, `acc [B, H, P, M, Dv]`; a split that saw only
     masked tokens has m = -inf, l = 0, acc = 0. `merge_partials([...])` -> `[B, H, M, Dv]`.
+    Raises ValueError for inputs the kernel cannot read (see `can_serve`), RuntimeError when the
+    extension cannot be built here.
     """
-    problem = can_serve(keys, values)
-    if problem and not problem.startswith("the C++") and not problem.startswith("disabled"):
+    problem = _pair_problem(keys, values)
+    if problem:
         raise ValueError(problem)
     module = _module_for(path)
     if query_rows.dim() != 4:
@@ -185,7 +192,9 @@ def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits:
         splits = default_splits(b * h, s)
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    splits = min(splits, max(s, 1))
+    if s == 0:  # an empty chunk contributes nothing
+        return (torch.full((b, h, 1, m), float("-inf")), torch.zeros(b, h, 1, m), torch.zeros(b, h, 1, m, dv))
+    splits = min(splits, s)
     return module.decode_partials(
         _query(query_rows), *_fields(keys), *_fields(values), bias if bias is not None else torch.empty(0),
         s, dv, float(scaling), splits, path == "portable", path == "auto",
@@ -198,6 +207,8 @@ def packed_qk(query_rows: torch.Tensor, packed, *, path: str = "auto") -> torch.
     if _operand_problem("keys", packed) is not None or load(path == "portable") is None:
         return None
     module = _module_for(path)
+    if packed.shape[2] == 0:
+        return torch.zeros(*query_rows.shape[:3], 0)
     return module.packed_qk(_query(query_rows), *_fields(packed), packed.shape[2], path == "portable", path == "auto")
 
 
