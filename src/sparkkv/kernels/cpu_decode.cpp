@@ -486,8 +486,9 @@ inline void key_row_f32(const Operand& K, const FillState& f, int64_t row, int64
   }
 }
 
-// float32 FMAs; q is float32 [M4][D16] zero-padded. Two tokens per step (see qk_bf16).
-template <int DT, int NC_T>
+// float32 FMAs; q is float32 [M4][D16] zero-padded. Two tokens per step (see qk_bf16). R: query
+// rows per 4-row block that carry work (1 when M == 1: no padded rows' dot products).
+template <int DT, int NC_T, int R>
 void qk_f32(const Operand& K, const FillState& f, int64_t row0, int n, Cursor& kc, const float* q, int64_t M4,
             int64_t D16, float* LT, const ValueRows* vr) {
   const int NC = NC_T ? NC_T : int(D16 / 16);
@@ -506,6 +507,16 @@ void qk_f32(const Operand& K, const FillState& f, int64_t row0, int n, Cursor& k
     for (int64_t mb = 0; mb < M4 / 4; ++mb) {
       const float* q0 = q + 4 * mb * D16;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      if (R == 1) {
+        for (int k = 0; k < NC; ++k) {
+          const __m512 q0k = _mm512_loadu_ps(q0 + 16 * k);
+          a0 = _mm512_fmadd_ps(kr0[k], q0k, a0);
+          b0 = _mm512_fmadd_ps(kr1[k], q0k, b0);
+        }
+        LT[(mb * kBlock + i) * 4] = _mm512_reduce_add_ps(a0);
+        LT[(mb * kBlock + i + 1) * 4] = _mm512_reduce_add_ps(b0);
+        continue;
+      }
       for (int k = 0; k < NC; ++k) {
         const __m512 q0k = _mm512_loadu_ps(q0 + 16 * k), q1k = _mm512_loadu_ps(q0 + D16 + 16 * k);
         const __m512 q2k = _mm512_loadu_ps(q0 + 2 * D16 + 16 * k), q3k = _mm512_loadu_ps(q0 + 3 * D16 + 16 * k);
@@ -575,8 +586,8 @@ inline void key_row_bf16(const Operand& K, const FillState& f, int64_t row, int6
 
 // bf16 dot products; q is bf16 [M4][D32] zero-padded. Two tokens per step: their eight
 // accumulator chains interleave, which keeps more independent work in the FP scheduler than one
-// token's four chains followed by its reduction.
-template <int NC_T>
+// token's four chains followed by its reduction. R as in qk_f32.
+template <int NC_T, int R>
 void qk_bf16(const Operand& K, const FillState& f, int64_t row0, int n, Cursor& kc, const uint16_t* q, int64_t M4,
              int64_t D32, float* LT, const ValueRows* vr) {
   const int NC = NC_T ? NC_T : int(D32 / 32);
@@ -596,6 +607,16 @@ void qk_bf16(const Operand& K, const FillState& f, int64_t row0, int n, Cursor& 
     for (int64_t mb = 0; mb < M4 / 4; ++mb) {
       const uint16_t* q0 = q + 4 * mb * D32;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      if (R == 1) {
+        for (int k = 0; k < NC; ++k) {
+          const __m512bh q0k = (__m512bh)_mm512_loadu_si512(q0 + 32 * k);
+          a0 = _mm512_dpbf16_ps(a0, (__m512bh)kr0[k], q0k);
+          b0 = _mm512_dpbf16_ps(b0, (__m512bh)kr1[k], q0k);
+        }
+        LT[(mb * kBlock + i) * 4] = _mm512_reduce_add_ps(a0);
+        LT[(mb * kBlock + i + 1) * 4] = _mm512_reduce_add_ps(b0);
+        continue;
+      }
       for (int k = 0; k < NC; ++k) {
         const __m512bh x = (__m512bh)kr0[k], y = (__m512bh)kr1[k];
         const __m512bh q0k = (__m512bh)_mm512_loadu_si512(q0 + 32 * k), q1k = (__m512bh)_mm512_loadu_si512(q0 + D32 + 32 * k);
@@ -830,27 +851,34 @@ struct KeyStage {
   void logits(int64_t row0, int n, Cursor& kc, float* LT, const ValueRows* vr = nullptr) const {
 #if SPARKKV_BF16DOT
     if (plan.qk_bf16) {
-      switch (D32 / 32) {
-        case 2: return qk_bf16<2>(p.K, f, row0, n, kc, qb.data(), M4, D32, LT, vr);
-        case 4: return qk_bf16<4>(p.K, f, row0, n, kc, qb.data(), M4, D32, LT, vr);
-        default: return qk_bf16<0>(p.K, f, row0, n, kc, qb.data(), M4, D32, LT, vr);
-      }
+      return p.M == 1 ? dispatch_bf16<1>(row0, n, kc, LT, vr) : dispatch_bf16<4>(row0, n, kc, LT, vr);
     }
 #endif
+    const bool one = p.M == 1;
     switch (p.K.dtype) {
-      case kF32: return dispatch_f32<kF32>(row0, n, kc, LT, vr);
-      case kBF16: return dispatch_f32<kBF16>(row0, n, kc, LT, vr);
-      default: return dispatch_f32<kF16>(row0, n, kc, LT, vr);
+      case kF32: return one ? dispatch_f32<kF32, 1>(row0, n, kc, LT, vr) : dispatch_f32<kF32, 4>(row0, n, kc, LT, vr);
+      case kBF16: return one ? dispatch_f32<kBF16, 1>(row0, n, kc, LT, vr) : dispatch_f32<kBF16, 4>(row0, n, kc, LT, vr);
+      default: return one ? dispatch_f32<kF16, 1>(row0, n, kc, LT, vr) : dispatch_f32<kF16, 4>(row0, n, kc, LT, vr);
     }
   }
-  template <int DT>
+  template <int DT, int R>
   void dispatch_f32(int64_t row0, int n, Cursor& kc, float* LT, const ValueRows* vr) const {
     switch (D16 / 16) {
-      case 4: return qk_f32<DT, 4>(p.K, f, row0, n, kc, qf.data(), M4, D16, LT, vr);
-      case 8: return qk_f32<DT, 8>(p.K, f, row0, n, kc, qf.data(), M4, D16, LT, vr);
-      default: return qk_f32<DT, 0>(p.K, f, row0, n, kc, qf.data(), M4, D16, LT, vr);
+      case 4: return qk_f32<DT, 4, R>(p.K, f, row0, n, kc, qf.data(), M4, D16, LT, vr);
+      case 8: return qk_f32<DT, 8, R>(p.K, f, row0, n, kc, qf.data(), M4, D16, LT, vr);
+      default: return qk_f32<DT, 0, R>(p.K, f, row0, n, kc, qf.data(), M4, D16, LT, vr);
     }
   }
+#if SPARKKV_BF16DOT
+  template <int R>
+  void dispatch_bf16(int64_t row0, int n, Cursor& kc, float* LT, const ValueRows* vr) const {
+    switch (D32 / 32) {
+      case 2: return qk_bf16<2, R>(p.K, f, row0, n, kc, qb.data(), M4, D32, LT, vr);
+      case 4: return qk_bf16<4, R>(p.K, f, row0, n, kc, qb.data(), M4, D32, LT, vr);
+      default: return qk_bf16<0, R>(p.K, f, row0, n, kc, qb.data(), M4, D32, LT, vr);
+    }
+  }
+#endif
 };
 
 inline void decode_item_avx(const Problem& p, int64_t bh, int64_t t0, int64_t t1, int64_t koff, int64_t voff,
@@ -889,21 +917,29 @@ inline void decode_item_avx(const Problem& p, int64_t bh, int64_t t0, int64_t t1
         rows = tile16.data();
         stride = Dvp;
       }
-      for (; m0 + 8 <= M4; m0 += 8) pv_bf16<8>(rows, stride, n, Pp.data(), m0, alpha.data(), p.Dv, Dvp, acc.data());
-      for (; m0 < M4; m0 += 4) pv_bf16<4>(rows, stride, n, Pp.data(), m0, alpha.data(), p.Dv, Dvp, acc.data());
+      if (p.M == 1) {  // one query row: no padded rows' dot products
+        pv_bf16<1>(rows, stride, n, Pp.data(), 0, alpha.data(), p.Dv, Dvp, acc.data());
+      } else {
+        for (; m0 + 8 <= M4; m0 += 8) pv_bf16<8>(rows, stride, n, Pp.data(), m0, alpha.data(), p.Dv, Dvp, acc.data());
+        for (; m0 < M4; m0 += 4) pv_bf16<4>(rows, stride, n, Pp.data(), m0, alpha.data(), p.Dv, Dvp, acc.data());
+      }
       continue;
     }
 #endif
+    auto pv_rows_f32 = [&](auto dt, const void* rows, int nn, const float* P, const float* al, float* ac) {
+      constexpr int DT = decltype(dt)::value;
+      if (p.M == 1) return pv_f32<DT, 1>(rows, p.Dv, nn, P, 0, al, p.Dv, ac);
+      for (; m0 + 8 <= M4; m0 += 8) pv_f32<DT, 8>(rows, p.Dv, nn, P, m0, al, p.Dv, ac);
+      for (; m0 < M4; m0 += 4) pv_f32<DT, 4>(rows, p.Dv, nn, P, m0, al, p.Dv, ac);
+    };
     auto run = [&](auto dt) {
       constexpr int DT = decltype(dt)::value;
       const void* rows = static_cast<const char*>(p.V.vals) + row0 * p.Dv * elem_size(DT);
       if (p.V.packed()) {
         rebuild_tile_f32<DT>(p.V, fv, row0, n, vr, tile32.data());
-        for (; m0 + 8 <= M4; m0 += 8) pv_f32<kF32, 8>(tile32.data(), p.Dv, n, LT.data(), m0, alpha.data(), p.Dv, acc.data());
-        for (; m0 < M4; m0 += 4) pv_f32<kF32, 4>(tile32.data(), p.Dv, n, LT.data(), m0, alpha.data(), p.Dv, acc.data());
+        pv_rows_f32(std::integral_constant<int, kF32>(), tile32.data(), n, LT.data(), alpha.data(), acc.data());
       } else {
-        for (; m0 + 8 <= M4; m0 += 8) pv_f32<DT, 8>(rows, p.Dv, n, LT.data(), m0, alpha.data(), p.Dv, acc.data());
-        for (; m0 < M4; m0 += 4) pv_f32<DT, 4>(rows, p.Dv, n, LT.data(), m0, alpha.data(), p.Dv, acc.data());
+        pv_rows_f32(dt, rows, n, LT.data(), alpha.data(), acc.data());
       }
     };
     switch (p.V.dtype) {
