@@ -4,7 +4,7 @@
 // time, which a busy shared machine disturbs less than wall time.
 //
 //   g++ -O3 -march=native -fopenmp -std=c++17 src/sparkkv/kernels/cpu_decode_bench.cpp -o /tmp/cpu_decode_bench
-//   /tmp/cpu_decode_bench [S=4096] [threads=1] [reps=20]
+//   /tmp/cpu_decode_bench [S=4096] [threads=1] [reps=20] [M=4 query rows per kv-head]
 //   (add -DSPARKKV_EXPAND_REGISTER to time the register-form expand instead of the memory form)
 #define SPARKKV_STANDALONE
 #include "cpu_decode.cpp"
@@ -82,7 +82,8 @@ int main(int argc, char** argv) {
   const int reps = argc > 3 ? std::atoi(argv[3]) : 20;
   omp_set_num_threads(threads);
   const bool cpu_time = threads == 1;
-  const int64_t B = 1, H = 8, M = 4, D = 128, BH = B * H;
+  const int64_t M = argc > 4 ? std::atoll(argv[4]) : 4;
+  const int64_t B = 1, H = 8, D = 128, BH = B * H;
   std::mt19937 rng(42);
   std::normal_distribution<float> normal;
   std::vector<uint16_t> q(BH * M * D), kd(BH * S * D), vd(BH * S * D);
@@ -104,7 +105,7 @@ int main(int argc, char** argv) {
                {"K80 + dense V", k80.op, dense_v},
                {"K50 + dense V", k50.op, dense_v},
                {"K80 + V80", k80.op, v80.op}};
-  std::printf("S=%lld, %d thread(s), %s; expand form: %s\n", (long long)S, threads,
+  std::printf("S=%lld, M=%lld, %d thread(s), %s; expand form: %s\n", (long long)S, (long long)M, threads,
               cpu_time ? "thread CPU time" : "wall time", kRegisterExpand ? "register" : "memory");
   std::printf("%-18s %-9s %12s %12s %14s\n", "case", "path", "ns/token-head", "logits only", "rel err vs scalar");
   for (const Case& c : cases) {
