@@ -1,168 +1,275 @@
-"""Fused CPU kernel for `q @ Khat^T` over SparK-packed keys: the kernel, its reference, its benchmark.
+"""Fused CPU attention kernels over SparK-packed keys and values (C++, `cpu_decode.cpp`).
 
-The C++ source (`cpu_packed_qk.cpp`) is compiled on first use with `-O3 -march=native` through
-`torch.utils.cpp_extension` (needs a C++ compiler and `ninja`) and cached by torch. If that is not
-possible, or `SPARKKV_CPU_KERNEL=0` is set, `packed_qk` returns None and attention falls back to
-rebuilding dense keys in PyTorch (`PackedTensor.dense()`), which computes the same numbers.
+    decode_partials(query_rows, keys, values, scaling, bias=None, splits=None) -> (m, l, acc)
+        logits, online softmax and P.V in one pass over packed (or dense) keys and values, all
+        query rows of a GQA group at once, parallel over (batch, kv-head, split); the caller merges
+        the per-split partials with other chunks by log-sum-exp (`reference.merge_partials`).
+    packed_qk(query_rows, packed) -> logits   (multi-token forwards whose mask differs per row)
+    can_serve(keys, values) -> None | reason
 
-    python -m sparkkv.kernels.cpu [--contexts 4096 32768]   # correctness check + timing vs dense
+The extension is compiled on first use with `-O3 -march=native -fopenmp` through
+`torch.utils.cpp_extension` (needs a C++ compiler and `ninja`; about a minute) and cached by torch
+(`TORCH_EXTENSIONS_DIR`). Work is split with `at::parallel_for`, so `torch.set_num_threads` applies.
+The kernels hold no state: concurrent calls are safe.
+
+Numerics (docs/kernels.md): float32 accumulation everywhere. On CPUs with AVX512_BF16 the logits
+use bf16 dot products when the query rows and the keys are bfloat16 (products exact, pruned key
+entries rounded to bfloat16), and P.V uses them when the values are bfloat16 (P rounded to
+bfloat16, as PyTorch's bf16 attention does): about 1e-3 relative error against the float64
+reference. `path="float32"` keeps every entry and probability in float32 (about 1e-6), and
+`path="portable"` runs the scalar build compiled without AVX-512 (what a CPU without it runs).
+
+    python -m sparkkv.kernels.cpu [--contexts 4096 32768] [--threads 2]   # check + time vs dense
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
-from pathlib import Path
+import math
 
 import torch
 
 from ..packed import PackedTensor
+from . import build
+from .reference import merge_partials, reference_attention
 
 log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("cpu_packed_qk.cpp")
-_lock = threading.Lock()
-_module = None
-_tried = False
+_NAME, _SOURCE = "sparkkv_cpu_decode", "cpu_decode.cpp"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PATHS = ("auto", "float32", "portable")
 
 
-def load():
-    """The compiled extension, or None if it cannot be built here (logged once)."""
-    global _module, _tried
-    if _tried:
-        return _module
-    with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        if os.environ.get("SPARKKV_CPU_KERNEL", "1") == "0":
-            log.info("sparkkv CPU kernel disabled by SPARKKV_CPU_KERNEL=0")
-            return None
-        try:
-            from torch.utils.cpp_extension import load as load_extension
-
-            _module = load_extension(
-                name="sparkkv_cpu_packed_qk",
-                sources=[str(_SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-            log.info("sparkkv CPU kernel built (AVX-512 path: %s)", _module.has_avx512_path())
-        except Exception as exc:  # no compiler, no ninja, unsupported platform...
-            log.warning("sparkkv CPU kernel unavailable, using the PyTorch path (%s: %s)", type(exc).__name__, exc)
-            _module = None
-    return _module
+def load(portable: bool = False):
+    """The compiled extension (the portable scalar build when `portable`), or None if it cannot
+    be built here (the reason is logged once and returned by `unavailable_reason`)."""
+    return build.load(_NAME, _SOURCE, portable)
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(portable: bool = False) -> str | None:
     """None when the extension is built and usable here, else why not."""
-    if os.environ.get("SPARKKV_CPU_KERNEL", "1") == "0":
-        return "disabled by SPARKKV_CPU_KERNEL=0"
-    return None if load() is not None else "the C++ extension could not be built (see the warning logged)"
+    return build.unavailable_reason(_NAME, _SOURCE, portable)
 
 
-def can_serve(keys, values) -> str | None:
-    """None when `decode_partials` handles this (keys, values) pair, else the reason."""
-    if isinstance(keys, PackedTensor) and keys.fill is not None:
-        return "sampled recoveries store explicit per-entry key values"
-    if isinstance(values, PackedTensor) and values.fill is not None:
-        return "sampled recoveries store explicit per-entry values"
-    if not isinstance(keys, (PackedTensor, torch.Tensor)) or not isinstance(values, (PackedTensor, torch.Tensor)):
-        return f"no kernel reads {type(keys).__name__} keys with {type(values).__name__} values"
-    device = keys.vals.device if isinstance(keys, PackedTensor) else keys.device
-    if device.type != "cpu":
-        return "tensors are not on the CPU"
+def _device(x) -> torch.device:
+    return x.vals.device if isinstance(x, PackedTensor) else x.device
+
+
+def _dtype(x) -> torch.dtype:
+    return x.vals.dtype if isinstance(x, PackedTensor) else x.dtype
+
+
+def _operand_problem(name: str, x) -> str | None:
+    if isinstance(x, PackedTensor):
+        if x.fill is not None:
+            return f"{name} store explicit per-entry fill values (sampled recovery), which the kernel does not rebuild"
+        if x.shape[-1] % 8:
+            return f"packed {name} have head_dim {x.shape[-1]}, not a multiple of 8"
+    elif not isinstance(x, torch.Tensor):
+        return f"the kernel reads PackedTensor or dense tensors, not {type(x).__name__} {name}"
+    elif x.dim() != 4:
+        return f"dense {name} must be [B, H, S, D], got shape {tuple(x.shape)}"
+    if _device(x).type != "cpu":
+        return f"{name} are on {_device(x)}, not the CPU"
+    if _dtype(x) not in _DTYPES:
+        return f"{name} are {_dtype(x)}; the kernel reads float32, bfloat16 and float16"
     return None
 
 
-def decode_partials(query_rows, keys, values, scaling, bias=None):
-    """Online-softmax partials `(m, l, acc)` of `query_rows [B, H, M, D]` over one chunk pair
-    (see `sparkkv.ops`): fused logits for packed keys, then softmax and P.V in PyTorch."""
-    if isinstance(keys, PackedTensor):
-        logits = packed_qk(query_rows, keys)
-    elif isinstance(keys, torch.Tensor):
-        logits = torch.matmul(query_rows.float(), keys.float().transpose(-1, -2))
-    else:
-        logits = keys.logits(query_rows)
-    logits = logits.mul_(scaling)
-    if bias is not None:
-        logits = logits + bias.unsqueeze(2)
-    m = logits.amax(dim=-1)
-    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    p = torch.exp(logits - m_safe.unsqueeze(-1))
-    if isinstance(values, torch.Tensor):
-        acc = torch.matmul(p, values.float())
-    else:
-        acc = values.weighted_sum(p)
-    return m.unsqueeze(2), p.sum(-1).unsqueeze(2), acc.unsqueeze(2)
+def _pair_problem(keys, values) -> str | None:
+    """Why the kernel cannot read this (keys, values) pair, whether or not it is built."""
+    for name, x in (("keys", keys), ("values", values)):
+        problem = _operand_problem(name, x)
+        if problem:
+            return problem
+    if tuple(keys.shape[:3]) != tuple(values.shape[:3]):
+        return f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in batch, heads or length"
+    return None
+
+
+def can_serve(keys, values) -> str | None:
+    """None when `decode_partials` handles this (keys, values) pair, else the reason (one sentence)."""
+    return _pair_problem(keys, values) or unavailable_reason()
 
 
 def supports(packed: PackedTensor) -> bool:
-    """Whether the kernel handles this packed tensor (CPU, no explicit fill; fixed or variable T)."""
-    return packed.vals.device.type == "cpu" and packed.fill is None
+    """Whether `packed_qk` handles this packed tensor (CPU, no explicit fill; fixed or variable T)."""
+    return _operand_problem("keys", packed) is None
 
 
-def packed_qk(query_rows: torch.Tensor, packed: PackedTensor) -> torch.Tensor | None:
-    """Logits `query_rows [B, H, M, D] @ packed.dense()^T` -> float32 `[B, H, M, S]`, or None."""
-    if not supports(packed):
-        return None
-    module = load()
-    if module is None:
-        return None
+def default_splits(batch_heads: int, seq_len: int, threads: int | None = None) -> int:
+    """Splits of the sequence per (batch, kv-head): enough work items for every thread to get two,
+    but no split shorter than 256 tokens."""
+    threads = threads or torch.get_num_threads()
+    return max(1, min(math.ceil(2 * threads / max(batch_heads, 1)), seq_len // 256))
+
+
+def _fields(x) -> list[torch.Tensor]:
+    """vals, keep, sign, scale, chan as the extension takes them (empty tensors for absent ones)."""
     empty = torch.empty(0)
-    return module.packed_qk(
-        query_rows.float().contiguous(),
-        packed.vals,
-        packed.keep,
-        packed.sign if packed.sign is not None else torch.empty(0, dtype=torch.uint8),
-        packed.scale.float().contiguous() if packed.scale is not None else empty,
-        packed.chan if packed.chan is not None else empty,
+    if isinstance(x, PackedTensor):
+        return [x.vals, x.keep, *(empty if t is None else t for t in (x.sign, x.scale, x.chan))]
+    return [x.contiguous(), torch.empty(0, dtype=torch.uint8), empty, empty, empty]
+
+
+def _query(query_rows: torch.Tensor) -> torch.Tensor:
+    """bf16 query rows stay bf16 (the bf16 dot-product path), anything else becomes float32."""
+    q = query_rows if query_rows.dtype == torch.bfloat16 else query_rows.float()
+    return q.contiguous()
+
+
+def _module_for(path: str):
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    portable = path == "portable"
+    module = load(portable)
+    if module is None:
+        raise RuntimeError(f"the sparkkv CPU kernel is unavailable: {unavailable_reason(portable)}")
+    return module
+
+
+def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits: int | None = None, *, path: str = "auto"):
+    """Online-softmax partials of `query_rows [B, H, M, D]` over one (keys, values) chunk.
+
+    keys: `PackedTensor` (fixed or variable T, no explicit fill) or dense `[B, H, S, D]`;
+    values: `PackedTensor` (no explicit fill) or dense `[B, H, S, Dv]`; any of float32 / bfloat16 /
+    float16. bias: None or additive float32 `[B, H, S]` / `[B, 1, S]` (-inf = masked), the same for
+    all M rows. splits: pieces of the sequence per (batch, kv-head) (default `default_splits`).
+    path: "auto" (fastest), "float32" (no bf16 rounding) or "portable" (scalar build).
+
+    Returns float32 `m [B, H, P, M]`, `l [B, H, P, M]`, `acc [B, H, P, M, Dv]`; a split that saw only
+    masked tokens has m = -inf, l = 0, acc = 0. `merge_partials([...])` -> `[B, H, M, Dv]`.
+    Raises ValueError for inputs the kernel cannot read (see `can_serve`), RuntimeError when the
+    extension cannot be built here.
+    """
+    problem = _pair_problem(keys, values)
+    if problem:
+        raise ValueError(problem)
+    module = _module_for(path)
+    if query_rows.dim() != 4:
+        raise ValueError(f"query_rows must be [B, H, M, D], got shape {tuple(query_rows.shape)}")
+    b, h, m, d = query_rows.shape
+    if tuple(keys.shape[:2]) != (b, h) or keys.shape[3] != d:
+        raise ValueError(f"keys {tuple(keys.shape)} do not match query rows {tuple(query_rows.shape)} in batch, heads or head_dim")
+    s, dv = keys.shape[2], values.shape[3]
+    if bias is not None:
+        if bias.dim() != 3 or bias.shape[0] != b or bias.shape[1] not in (1, h) or bias.shape[2] != s:
+            raise ValueError(f"bias must be [{b}, 1 or {h}, {s}], got shape {tuple(bias.shape)}")
+        bias = bias.float().contiguous()
+    if splits is None:
+        splits = default_splits(b * h, s)
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    if s == 0:  # an empty chunk contributes nothing
+        return (torch.full((b, h, 1, m), float("-inf")), torch.zeros(b, h, 1, m), torch.zeros(b, h, 1, m, dv))
+    splits = min(splits, s)
+    return module.decode_partials(
+        _query(query_rows), *_fields(keys), *_fields(values), bias if bias is not None else torch.empty(0),
+        s, dv, float(scaling), splits, path == "portable", path == "auto",
     )
 
 
+def packed_qk(query_rows: torch.Tensor, packed, *, path: str = "auto") -> torch.Tensor | None:
+    """Logits `query_rows [B, H, M, D] @ keys^T` -> float32 `[B, H, M, S]` for packed (or dense)
+    keys, or None when the kernel cannot serve them (then rebuild with `packed.dense()`)."""
+    if _operand_problem("keys", packed) is not None or load(path == "portable") is None:
+        return None
+    module = _module_for(path)
+    if packed.shape[2] == 0:
+        return torch.zeros(*query_rows.shape[:3], 0)
+    return module.packed_qk(_query(query_rows), *_fields(packed), packed.shape[2], path == "portable", path == "auto")
+
+
 def reference_packed_qk(query_rows: torch.Tensor, packed: PackedTensor) -> torch.Tensor:
-    """The plain PyTorch reference: rebuild dense keys (recovered entries unrounded, as in the
-    kernel), then one matmul in float32."""
+    """The plain PyTorch reference of `packed_qk` in float32 (pruned entries unrounded)."""
     return torch.matmul(query_rows.float(), packed.dense(torch.float32).transpose(-1, -2))
+
+
+# -------------------------------------------------------------------------------------------------
+# benchmark
+# -------------------------------------------------------------------------------------------------
+def _bench(contexts, threads: int, reps: int) -> list[dict]:
+    """Llama-3-8B geometry (8 kv-heads, GQA 4, head_dim 128, bf16, batch 1, one query token):
+    dense attention over K/V in place vs the fused kernel over packed chunks, interleaved."""
+    import time
+
+    from ..config import SparKConfig
+    from ..method import compress_keys, compress_values
+    from ..packed import storage_nbytes
+
+    torch.set_num_threads(threads)
+    h, g, d = 8, 4, 128
+    scaling = d**-0.5
+    rows = []
+    for s in contexts:
+        keys = torch.randn(1, h, s, d).bfloat16()
+        values = torch.randn(1, h, s, d).bfloat16()
+        q = torch.randn(1, h * g, 1, d).bfloat16()
+        qg = q.view(1, h, g, d)
+        window = torch.randn(1, h * g, 32, d)
+        k50 = compress_keys(keys, window, SparKConfig(key_prune_ratio=0.5))
+        k80 = compress_keys(keys, window, SparKConfig(key_prune_ratio=0.8))
+        v80 = compress_values(values, 0.8)
+
+        def dense_bmm():
+            logits = torch.matmul(qg, keys.transpose(-1, -2)).float().mul_(scaling)
+            return torch.matmul(logits.softmax(-1).to(values.dtype), values)
+
+        def dense_sdpa():
+            return torch.nn.functional.scaled_dot_product_attention(q, keys, values, scale=scaling, enable_gqa=True)
+
+        def fused(k, v):
+            return lambda: merge_partials([decode_partials(qg, k, v, scaling)])
+
+        cases = [
+            ("dense bmm (grouped)", dense_bmm, (keys, values), None),
+            ("dense sdpa (enable_gqa)", dense_sdpa, (keys, values), None),
+            ("fused, dense K + V", fused(keys, values), (keys, values), (keys, values)),
+            ("fused, K50 + dense V", fused(k50, values), (k50, values), (k50, values)),
+            ("fused, K80 + dense V", fused(k80, values), (k80, values), (k80, values)),
+            ("fused, K80 + V80", fused(k80, v80), (k80, v80), (k80, v80)),
+        ]
+        errors = {}
+        for name, fn, _, pair in cases:
+            if pair is not None:
+                ref = reference_attention(qg, pair[0], pair[1], scaling)
+                errors[name] = ((fn().double() - ref).norm() / ref.norm()).item()
+        times = {name: [] for name, *_ in cases}
+        for name, fn, *_ in cases:  # warm up
+            fn()
+        for _ in range(reps):  # interleaved, so that load from other processes hits every row alike
+            for name, fn, *_ in cases:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        median = {name: sorted(t)[len(t) // 2] * 1e3 for name, t in times.items()}
+        for name, _, operands, _ in cases:
+            nbytes = sum(storage_nbytes(*(t.tensors() if isinstance(t, PackedTensor) else [t])) for t in operands)
+            rows.append(dict(context=s, path=name, ms=median[name], best_ms=min(times[name]) * 1e3, mbytes=nbytes / 1e6,
+                             gbps=nbytes / median[name] / 1e6, vs_bmm=median[name] / median[cases[0][0]],
+                             vs_sdpa=median[name] / median[cases[1][0]], vs_fused_dense=median[name] / median[cases[2][0]],
+                             rel_err=errors.get(name)))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import time
 
-    from ..config import SparKConfig
-    from ..method import compress_keys
-
-    parser = argparse.ArgumentParser(description="check and time the fused CPU kernel against dense")
+    parser = argparse.ArgumentParser(description="check and time the fused CPU decode kernel against dense attention")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args(argv)
     if load() is None:
-        raise SystemExit("the CPU kernel could not be built here (see the warning above)")
-    h, g, d = 8, 4, 128
-    for s in args.contexts:
-        keys = torch.randn(1, h, s, d).bfloat16()
-        q = torch.randn(1, h, g, d)
-        packed = compress_keys(keys, torch.randn(1, h * g, 32, d), SparKConfig(key_prune_ratio=0.8))
-        ref = reference_packed_qk(q, packed)
-        got = packed_qk(q, packed)
-        err = ((got - ref).norm() / ref.norm()).item()
-
-        def median(fn):
-            fn()
-            times = []
-            for _ in range(args.reps):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return sorted(times)[len(times) // 2] * 1e3
-
-        dense_ms = median(lambda: torch.matmul(q.bfloat16(), keys.transpose(-1, -2)))
-        kernel_ms = median(lambda: packed_qk(q, packed))
-        torch_ms = median(lambda: torch.matmul(q.bfloat16(), packed.dense().transpose(-1, -2)))
-        print(f"S={s}: rel err {err:.2e} | dense bf16 matmul {dense_ms:.2f} ms | fused kernel {kernel_ms:.2f} ms "
-              f"({kernel_ms / dense_ms:.2f}x) | pytorch rebuild {torch_ms:.1f} ms ({torch_ms / dense_ms:.1f}x)")
+        raise SystemExit(f"the CPU kernel could not be built here: {unavailable_reason()}")
+    module = load()
+    print(f"threads {args.threads}, AVX-512 {module.has_avx512_path()}, bf16 dot {module.has_bf16_dot()}; "
+          "Llama-3-8B geometry: 8 kv-heads, GQA 4, head_dim 128, bf16, batch 1, one query token")
+    print(f"{'context':>8} {'path':<24} {'median ms':>9} {'best ms':>8} {'K+V MB':>7} {'GB/s':>5} {'vs bmm':>7} "
+          f"{'vs sdpa':>7} {'vs fused dense':>14} {'rel err':>8}")
+    for r in _bench(args.contexts, args.threads, args.reps):
+        err = "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+        print(f"{r['context']:>8} {r['path']:<24} {r['ms']:>9.2f} {r['best_ms']:>8.2f} {r['mbytes']:>7.1f} {r['gbps']:>5.1f} "
+              f"{r['vs_bmm']:>6.2f}x {r['vs_sdpa']:>6.2f}x {r['vs_fused_dense']:>13.2f}x {err:>8}")
 
 
 if __name__ == "__main__":

@@ -1,26 +1,34 @@
-"""Split-KV decode attention over SparK-packed keys, in Triton: the kernel, its reference, its benchmark.
+"""Split-KV decode attention over SparK-packed keys AND values, in Triton: the kernel and its benchmark.
 
-Status: verified against the PyTorch reference under `TRITON_INTERPRET=1` on CPU (tests/test_triton.py);
-not yet validated or timed on a GPU, so the cache only uses it when `SPARKKV_TRITON=1` is set.
+Status: verified against the float64 reference under `TRITON_INTERPRET=1` on CPU tensors
+(tests/test_triton.py). It has not yet run on a GPU: `--bench` checks correctness on the GPU first,
+then times it; run it in a session that has one.
 
-Design (kernels.md): grid over (batch * kv-head, split); each program walks a slice of tokens a block
-at a time, rebuilds the block's dense key tile in registers (channel rank = cumsum of the keep bits,
-kept values gathered by rank, pruned channels `+-scale_t * chan_c`), runs one `tl.dot` against all
-query rows sharing the kv-head (GQA group x query length, padded to 16), keeps an online softmax,
-and writes per-split partials `(max, sum, acc)`; a small PyTorch step merges the splits by
-log-sum-exp. The rebuild is paid once per kv-head, not per query head.
+Design (the CPU kernel's, kernels/cpu_decode.cpp, on a GPU): grid over (batch * kv-head, split);
+each program walks its slice of tokens BLOCK_N at a time and, per block, rebuilds the dense key
+tile in registers (channel rank = cumsum of the keep bits, kept values gathered by rank, pruned
+channels `(+-1) * scale_t * chan_c` from whichever fields are stored), runs one `tl.dot` against
+all query rows of the kv-head (GQA group x query length, padded to 16), keeps an online softmax,
+rebuilds the value tile the same way and accumulates `tl.dot(P, V)`; it writes per-split
+partials `(m, l, acc)` that `reference.merge_partials` merges with other chunks by log-sum-exp.
+Fixed T reads row r's values at `r * T`; variable T (top-p / grouped selections) reads a row
+offset table computed here from the keep masks. Dense keys or values use the same kernel.
+On a GPU the tiles meet in `tl.dot` in the 16-bit storage dtype (float32 accumulation); under the
+interpreter in float32 (its bf16 dot is broken).
 
     TRITON_INTERPRET=1 python -m sparkkv.kernels.triton_decode --check     # CPU, small shapes
-    python -m sparkkv.kernels.triton_decode --bench                        # GPU timing vs dense
+    python -m sparkkv.kernels.triton_decode --bench                        # GPU: check, then time
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from ..packed import PackedTensor
+from ..packed import PackedTensor, popcount_rows
+from .reference import merge_partials, reference_attention
 
 try:
     import triton
@@ -28,207 +36,312 @@ try:
 except ImportError:  # triton is optional (pip install sparkkv[gpu])
     triton = None
 
+__all__ = ["can_serve", "decode_partials", "merge_partials", "supports", "packed_decode_partials", "dense_partials"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 if triton is not None:
 
     @triton.jit
-    def _packed_decode_kernel(
-        q_ptr, vals_ptr, keep_ptr, sign_ptr, scale_ptr, chan_ptr, v_ptr, bias_ptr,
-        m_out_ptr, l_out_ptr, acc_out_ptr,
-        S, M, tokens_per_split, sm_scale,
-        T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_SIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CHAN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _tile(vals_ptr, keep_ptr, sign_ptr, scale_ptr, chan_ptr, off_ptr, bh, row, valid, chans,
+              D: tl.constexpr, T: tl.constexpr, PACKED: tl.constexpr,
+              SIGN: tl.constexpr, SCALE: tl.constexpr, CHAN: tl.constexpr):
+        """float32 `[BLOCK_N, D_PAD]` tile of rows `row` (dense, or packed rebuilt); padded
+        channels (>= D) and invalid rows are 0."""
+        cmask = chans < D
+        if PACKED:
+            keep_bytes = tl.load(keep_ptr + row[:, None] * (D // 8) + (chans // 8)[None, :],
+                                 mask=valid[:, None] & cmask[None, :], other=0)
+            kept = ((keep_bytes >> (chans % 8)[None, :]) & 1) != 0
+            rank = tl.cumsum(kept.to(tl.int32), axis=1) - 1
+            if T >= 0:
+                start = row.to(tl.int64) * T
+            else:
+                start = tl.load(off_ptr + row, mask=valid, other=0)
+            tile = tl.load(vals_ptr + start[:, None] + rank, mask=kept, other=0.0).to(tl.float32)
+            if SIGN or SCALE or CHAN:
+                fill = tl.full(tile.shape, 1.0, tl.float32)
+                if SIGN:
+                    sign_bytes = tl.load(sign_ptr + row[:, None] * (D // 8) + (chans // 8)[None, :],
+                                         mask=valid[:, None] & cmask[None, :], other=0)
+                    fill = tl.where(((sign_bytes >> (chans % 8)[None, :]) & 1) != 0, 1.0, -1.0)
+                if SCALE:
+                    fill = fill * tl.load(scale_ptr + row, mask=valid, other=0.0).to(tl.float32)[:, None]
+                if CHAN:
+                    fill = fill * tl.load(chan_ptr + bh * D + chans, mask=cmask, other=0.0)[None, :]
+                tile = tl.where(kept, tile, tl.where(cmask[None, :], fill, 0.0))
+        else:
+            tile = tl.load(vals_ptr + row[:, None].to(tl.int64) * D + chans[None, :],
+                           mask=valid[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        return tile
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr,
+        k_vals, k_keep, k_sign, k_scale, k_chan, k_off,
+        v_vals, v_keep, v_sign, v_scale, v_chan, v_off,
+        bias_ptr, m_out_ptr, l_out_ptr, acc_out_ptr,
+        S, M, H, tokens_per_split, sm_scale, bias_b_stride, bias_h_stride,
+        D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        K_PACKED: tl.constexpr, K_T: tl.constexpr, K_SIGN: tl.constexpr, K_SCALE: tl.constexpr, K_CHAN: tl.constexpr,
+        V_PACKED: tl.constexpr, V_T: tl.constexpr, V_SIGN: tl.constexpr, V_SCALE: tl.constexpr, V_CHAN: tl.constexpr,
+        HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
         rows_m = tl.arange(0, BLOCK_M)
-        chans = tl.arange(0, D)
-        dv = tl.arange(0, DV)
-        q = tl.load(q_ptr + bh * M * D + rows_m[:, None] * D + chans[None, :], mask=rows_m[:, None] < M, other=0.0)
-        if HAS_CHAN:
-            chan = tl.load(chan_ptr + bh * D + chans)
-        else:
-            chan = tl.full((D,), 1.0, tl.float32)
+        chans = tl.arange(0, D_PAD)
+        dvs = tl.arange(0, DV_PAD)
+        q = tl.load(q_ptr + bh * M * D + rows_m[:, None] * D + chans[None, :],
+                    mask=(rows_m[:, None] < M) & (chans[None, :] < D), other=0.0)
+        q = q.to(DOT_DTYPE)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, DV), tl.float32)
+        acc = tl.zeros((BLOCK_M, DV_PAD), tl.float32)
         start = split * tokens_per_split
-        byte_of = chans // 8
-        bit_of = chans % 8
-        for offset in range(0, tokens_per_split, BLOCK_N):  # tokens_per_split is a multiple of BLOCK_N
+        bias_row = bias_ptr + (bh // H) * bias_b_stride + (bh % H) * bias_h_stride
+        stop = tl.minimum(start + tokens_per_split, S)
+        for offset in range(0, tokens_per_split, BLOCK_N):
             toks = start + offset + tl.arange(0, BLOCK_N)
-            valid = toks < S
+            valid = toks < stop
             row = bh * S + toks
-            keep_bytes = tl.load(keep_ptr + row[:, None] * (D // 8) + byte_of[None, :], mask=valid[:, None], other=0)
-            kept = ((keep_bytes >> bit_of[None, :]) & 1) != 0
-            rank = tl.cumsum(kept.to(tl.int32), axis=1) - 1
-            k_tile = tl.load(vals_ptr + row[:, None] * T + rank, mask=kept & valid[:, None], other=0.0).to(tl.float32)
-            if HAS_SIGN:
-                sign_bytes = tl.load(sign_ptr + row[:, None] * (D // 8) + byte_of[None, :], mask=valid[:, None], other=0)
-                sgn = tl.where(((sign_bytes >> bit_of[None, :]) & 1) != 0, 1.0, -1.0)
-                fill = sgn * chan[None, :]
-                if HAS_SCALE:
-                    sc = tl.load(scale_ptr + row, mask=valid, other=0.0).to(tl.float32)
-                    fill = fill * sc[:, None]
-                k_tile = tl.where(kept, k_tile, fill)
-            logits = tl.dot(q, tl.trans(k_tile)) * sm_scale  # [BLOCK_M, BLOCK_N]
+            k_tile = _tile(k_vals, k_keep, k_sign, k_scale, k_chan, k_off, bh, row, valid, chans,
+                           D, K_T, K_PACKED, K_SIGN, K_SCALE, K_CHAN)
+            logits = tl.dot(q, tl.trans(k_tile.to(DOT_DTYPE))) * sm_scale  # [BLOCK_M, BLOCK_N]
             if HAS_BIAS:
-                bias = tl.load(bias_ptr + row, mask=valid, other=0.0)
-                logits = logits + bias[None, :]
+                logits = logits + tl.load(bias_row + toks, mask=valid, other=0.0)[None, :]
             logits = tl.where(valid[None, :], logits, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every token so far masked
             p = tl.exp(logits - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
-            v_tile = tl.load(v_ptr + row[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v_tile)
+            v_tile = _tile(v_vals, v_keep, v_sign, v_scale, v_chan, v_off, bh, row, valid, dvs,
+                           DV, V_T, V_PACKED, V_SIGN, V_SCALE, V_CHAN)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v_tile.to(DOT_DTYPE))
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
         out = (bh * n_splits + split) * BLOCK_M + rows_m
         tl.store(m_out_ptr + out, m_i)
         tl.store(l_out_ptr + out, l_i)
-        tl.store(acc_out_ptr + out[:, None] * DV + dv[None, :], acc)
+        tl.store(acc_out_ptr + out[:, None] * DV_PAD + dvs[None, :], acc)
 
 
-def supports(packed: PackedTensor, values: torch.Tensor) -> bool:
-    """Fixed T, no explicit fill, dense values, power-of-two head dims (tl.arange needs them)."""
-    d, dv = packed.shape[-1], values.shape[-1]
-    pow2 = lambda x: x >= 16 and (x & (x - 1)) == 0  # noqa: E731
-    return triton is not None and packed.fixed_t is not None and packed.fill is None and pow2(d) and pow2(dv)
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _device(x) -> torch.device:
+    return x.vals.device if isinstance(x, PackedTensor) else x.device
+
+
+def _dtype(x) -> torch.dtype:
+    return x.vals.dtype if isinstance(x, PackedTensor) else x.dtype
 
 
 def can_serve(keys, values) -> str | None:
-    """None when `decode_partials` handles this (keys, values) pair, else the reason."""
-    if not isinstance(keys, PackedTensor):
-        return "the Triton kernel reads SparK-packed keys only"
-    if not isinstance(values, torch.Tensor):
-        return "the Triton kernel reads dense values only"
-    if not supports(keys, values):
-        return "the Triton kernel needs fixed T, no explicit fill, and power-of-two head dims >= 16"
+    """None when `decode_partials` handles this (keys, values) pair, else the reason (one sentence)."""
+    if triton is None:
+        return "triton is not installed (pip install 'sparkkv[gpu]')"
+    for name, x in (("keys", keys), ("values", values)):
+        if isinstance(x, PackedTensor):
+            if x.fill is not None:
+                return f"{name} store explicit per-entry fill values (sampled recovery), which the kernel does not rebuild"
+        elif not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return f"the Triton kernel reads PackedTensor or dense [B, H, S, D] {name}, not {type(x).__name__}"
+        if _dtype(x) not in _DTYPES:
+            return f"{name} are {_dtype(x)}; the kernel reads float32, bfloat16 and float16"
+        device = _device(x)
+        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+            return f"{name} are on {device}: Triton runs on CUDA tensors, or on CPU ones only under TRITON_INTERPRET=1"
+    if tuple(keys.shape[:3]) != tuple(values.shape[:3]):
+        return f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in batch, heads or length"
     return None
 
 
-def decode_partials(query_rows, keys, values, scaling, bias=None):
-    """Online-softmax partials over one (packed keys, dense values) pair; `bias [B, 1 or H, S]`."""
-    if bias is not None:
-        bias = bias.expand(query_rows.shape[0], query_rows.shape[1], -1)
-    return packed_decode_partials(query_rows, keys, values, scaling, bias)
+def _operand(x, dummy_f, dummy_i):
+    """Kernel arguments and constexprs of one operand: fields, row offsets, (PACKED, T, SIGN, SCALE, CHAN)."""
+    if not isinstance(x, PackedTensor):
+        return [x.contiguous(), dummy_i, dummy_i, dummy_f, dummy_f, dummy_i], (False, x.shape[-1], False, False, False)
+    t = x.fixed_t
+    off = dummy_i
+    if t is None:  # variable T: row r's first value
+        counts = popcount_rows(x.keep).flatten()
+        off = counts.cumsum(0) - counts
+        t = -1
+    fields = [x.vals, x.keep, x.sign if x.sign is not None else x.keep,
+              x.scale if x.scale is not None else dummy_f, x.chan if x.chan is not None else dummy_f, off]
+    return fields, (True, t, x.sign is not None, x.scale is not None, x.chan is not None)
 
 
-def packed_decode_partials(
-    query_rows: torch.Tensor,
-    packed: PackedTensor,
-    values: torch.Tensor,
-    scaling: float,
-    bias: torch.Tensor | None = None,
-    splits: int | None = None,
-    block_n: int = 32,
-):
-    """Per-split online-softmax partials for query rows `[B, H, M, D]` over one packed chunk.
+def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits: int | None = None, *, block_n: int = 32):
+    """Online-softmax partials of `query_rows [B, H, M, D]` over one (keys, values) chunk.
 
-    Returns `(m, l, acc)`: float32 `[B, H, splits, M]`, `[B, H, splits, M]`, `[B, H, splits, M, Dv]`
-    (max logit, sum of exp, unnormalised output). `bias [B, H, S]` is added to the logits.
+    keys / values: `PackedTensor` (fixed or variable T, no explicit fill) or dense `[B, H, S, D | Dv]`.
+    bias: None or additive float32 `[B, H, S]` / `[B, 1, S]` (-inf = masked). splits: pieces of the
+    sequence per (batch, kv-head) (default: about one per 1024 tokens, at most 64).
+    Returns float32 `m [B, H, P, M]`, `l [B, H, P, M]`, `acc [B, H, P, M, Dv]` (see reference.py).
     """
+    problem = can_serve(keys, values)
+    if problem:
+        raise ValueError(problem)
     b, h, m, d = query_rows.shape
-    s, dv = packed.shape[2], values.shape[-1]
-    block_m = max(16, triton.next_power_of_2(m))
+    s, dv = keys.shape[2], values.shape[3]
+    if tuple(keys.shape[:2]) != (b, h) or keys.shape[3] != d:
+        raise ValueError(f"keys {tuple(keys.shape)} do not match query rows {tuple(query_rows.shape)} in batch, heads or head_dim")
     if splits is None:
         splits = max(1, min(64, math.ceil(s / 1024)))
-    tokens_per_split = math.ceil(max(s, 1) / splits / block_n) * block_n
-    splits = max(1, math.ceil(max(s, 1) / tokens_per_split))
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    splits = min(splits, max(s, 1))
+    tokens_per_split = math.ceil(max(s, 1) / splits)
     device = query_rows.device
+    block_m = max(16, triton.next_power_of_2(m))
+    d_pad, dv_pad = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
     m_out = torch.empty(b * h * splits * block_m, dtype=torch.float32, device=device)
     l_out = torch.empty_like(m_out)
-    acc_out = torch.empty(b * h * splits * block_m * dv, dtype=torch.float32, device=device)
-    dummy = torch.empty(1, dtype=torch.float32, device=device)
-    _packed_decode_kernel[(b * h, splits)](
-        query_rows.float().contiguous(), packed.vals, packed.keep,
-        packed.sign if packed.sign is not None else packed.keep,
-        packed.scale if packed.scale is not None else dummy,
-        packed.chan if packed.chan is not None else dummy,
-        values.contiguous(), bias.float().contiguous() if bias is not None else dummy,
-        m_out, l_out, acc_out,
-        s, m, tokens_per_split, scaling,
-        T=packed.fixed_t, D=d, DV=dv, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SIGN=packed.sign is not None, HAS_SCALE=packed.scale is not None,
-        HAS_CHAN=packed.chan is not None, HAS_BIAS=bias is not None,
+    acc_out = torch.empty(b * h * splits * block_m * dv_pad, dtype=torch.float32, device=device)
+    dummy_f = torch.empty(1, dtype=torch.float32, device=device)
+    dummy_i = torch.empty(1, dtype=torch.int64, device=device)
+    bias_strides = (0, 0)
+    if bias is not None:
+        if bias.dim() != 3 or bias.shape[0] != b or bias.shape[1] not in (1, h) or bias.shape[2] != s:
+            raise ValueError(f"bias must be [{b}, 1 or {h}, {s}], got shape {tuple(bias.shape)}")
+        bias = bias.float().contiguous()
+        bias_strides = (bias.stride(0), bias.stride(1) if bias.shape[1] == h else 0)
+    k_fields, k_meta = _operand(keys, dummy_f, dummy_i)
+    v_fields, v_meta = _operand(values, dummy_f, dummy_i)
+    storage = _dtype(keys) if _dtype(keys) == _dtype(values) else torch.float32
+    dot_dtype = tl.float32 if (device.type != "cuda" or storage == torch.float32) else (
+        tl.bfloat16 if storage == torch.bfloat16 else tl.float16)
+    _decode_kernel[(b * h, splits)](
+        query_rows.float().contiguous(), *k_fields, *v_fields,
+        bias if bias is not None else dummy_f, m_out, l_out, acc_out,
+        s, m, h, tokens_per_split, scaling, *bias_strides,
+        D=d, DV=dv, D_PAD=d_pad, DV_PAD=dv_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        K_PACKED=k_meta[0], K_T=k_meta[1], K_SIGN=k_meta[2], K_SCALE=k_meta[3], K_CHAN=k_meta[4],
+        V_PACKED=v_meta[0], V_T=v_meta[1], V_SIGN=v_meta[2], V_SCALE=v_meta[3], V_CHAN=v_meta[4],
+        HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype,
     )
     shape = (b, h, splits, block_m)
     return (
         m_out.view(shape)[..., :m],
         l_out.view(shape)[..., :m],
-        acc_out.view(*shape, dv)[..., :m, :],
+        acc_out.view(*shape, dv_pad)[..., :m, :dv],
     )
 
 
-def merge_partials(parts) -> torch.Tensor:
-    """Log-sum-exp merge of `(m, l, acc)` partials along their split axis (dim 2) -> `[B, H, M, Dv]`."""
-    m = torch.cat([p[0] for p in parts], dim=2)
-    l = torch.cat([p[1] for p in parts], dim=2)
-    acc = torch.cat([p[2] for p in parts], dim=2)
-    m_max = m.amax(dim=2, keepdim=True)
-    m_max = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
-    w = torch.exp(m - m_max)  # splits that saw nothing have m = -inf -> weight 0
-    return (acc * w.unsqueeze(-1)).sum(2) / (l * w).sum(2).clamp_min(1e-30).unsqueeze(-1)
+# ---- the names the cache's attention calls today (thin wrappers until it moves to the ops layer) ----
+def supports(packed: PackedTensor, values: torch.Tensor) -> bool:
+    """Whether `packed_decode_partials` handles this pair."""
+    return can_serve(packed, values) is None
+
+
+def packed_decode_partials(query_rows, packed, values, scaling, bias=None, splits=None, block_n: int = 32):
+    return decode_partials(query_rows, packed, values, scaling, bias, splits, block_n=block_n)
 
 
 def dense_partials(query_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, bias=None):
-    """The same partials for a dense chunk (the recent tail), in PyTorch: one split."""
+    """One-split partials of a dense chunk (the recent tail) in PyTorch, float32."""
     logits = torch.matmul(query_rows.float(), keys.float().transpose(-1, -2)) * scaling
     if bias is not None:
         logits = logits + bias.float().unsqueeze(2)
     m = logits.amax(-1)
-    p = torch.exp(logits - m.unsqueeze(-1))
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(logits - m_safe.unsqueeze(-1))
     return m.unsqueeze(2), p.sum(-1).unsqueeze(2), torch.matmul(p, values.float()).unsqueeze(2)
 
 
-def reference_decode(query_rows, packed: PackedTensor, values, scaling, bias=None) -> torch.Tensor:
-    """Plain PyTorch: rebuild dense keys (recovered entries unrounded, as in the kernel), softmax
-    attention in float32 -> `[B, H, M, Dv]`."""
-    logits = torch.matmul(query_rows.float(), packed.dense(torch.float32).transpose(-1, -2)) * scaling
-    if bias is not None:
-        logits = logits + bias.float().unsqueeze(2)
-    return torch.matmul(logits.softmax(-1), values.float())
+# -------------------------------------------------------------------------------------------------
+# check and benchmark
+# -------------------------------------------------------------------------------------------------
+def _check(device) -> None:
+    from ..config import SparKConfig
+    from ..method import compress_keys, compress_values
+
+    for ratio in (0.5, 0.8):
+        keys = torch.randn(2, 2, 77, 64, device=device)
+        values = torch.randn(2, 2, 77, 64, device=device)
+        packed = compress_keys(keys, torch.randn(2, 8, 8, 64, device=device), SparKConfig(key_prune_ratio=ratio))
+        q = torch.randn(2, 2, 4, 64, device=device)
+        for v in (values, compress_values(values, ratio)):
+            got = merge_partials([decode_partials(q, packed, v, 0.125, splits=3)])
+            ref = reference_attention(q, packed, v, 0.125)
+            print(f"keys {ratio}, values {'dense' if v is values else ratio}: rel err {((got.double() - ref).norm() / ref.norm()).item():.2e}")
+
+
+def _bench(contexts, batches, ratios) -> None:
+    """CUDA-event timing (triton.testing.do_bench, median) against SDPA (and FlashAttention when
+    installed) on dense K+V of the same shape; Llama-3-8B geometry, bf16, one query token."""
+    from triton.testing import do_bench
+
+    from ..config import SparKConfig
+    from ..method import compress_keys, compress_values
+    from ..packed import storage_nbytes
+
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        flash_attn_with_kvcache = None
+    h, g, d = 8, 4, 128
+    scaling = d**-0.5
+    nbytes = lambda *xs: sum(storage_nbytes(*(x.tensors() if isinstance(x, PackedTensor) else [x])) for x in xs)  # noqa: E731
+    print(f"{'batch':>5} {'context':>8} {'path':<28} {'ms':>8} {'GB':>7} {'GB/s':>7} {'speedup vs sdpa':>16} {'rel err':>8}")
+    for b in batches:
+        for s in contexts:
+            keys = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+            values = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+            q = torch.randn(b, h * g, 1, d, device="cuda", dtype=torch.bfloat16)
+            qg = q.view(b, h, g, d)
+            rows = [("sdpa (dense K+V)", lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, keys, values, scale=scaling, enable_gqa=True), (keys, values), None)]
+            if flash_attn_with_kvcache is not None:
+                qf, kf, vf = q.transpose(1, 2), keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
+                rows.append(("flash-attn (dense K+V)", lambda: flash_attn_with_kvcache(qf, kf, vf, softmax_scale=scaling),
+                             (keys, values), None))
+            rows.append(("triton, dense K+V", lambda: merge_partials([decode_partials(qg, keys, values, scaling)]),
+                         (keys, values), (keys, values)))
+            window = torch.randn(b, h * g, 32, d, device="cuda")
+            for ratio in ratios:
+                packed = compress_keys(keys, window, SparKConfig(key_prune_ratio=ratio))
+                pv = compress_values(values, ratio)
+                for name, v in ((f"triton, K{ratio:g} + dense V", values), (f"triton, K{ratio:g} + V{ratio:g}", pv)):
+                    rows.append((name, (lambda k=packed, v=v: merge_partials([decode_partials(qg, k, v, scaling)])),
+                                 (packed, v), (packed, v)))
+            base = None
+            for name, fn, operands, pair in rows:
+                err = ""
+                if pair is not None:  # correctness on the GPU before timing (4 heads' worth suffices)
+                    ref = reference_attention(qg.float(), pair[0], pair[1], scaling, dtype=torch.float32)
+                    err = f"{((fn().float() - ref).norm() / ref.norm()).item():.1e}"
+                ms = do_bench(fn, return_mode="median")
+                base = base or ms
+                gb = nbytes(*operands) / 1e9
+                print(f"{b:>5} {s:>8} {name:<28} {ms:>8.3f} {gb:>7.2f} {gb / ms * 1e3:>7.0f} {base / ms:>15.2f}x {err:>8}")
+            del keys, values, rows
+            torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import os
-
-    from ..config import SparKConfig
-    from ..method import compress_keys
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="correctness on small shapes (works under TRITON_INTERPRET=1)")
-    parser.add_argument("--bench", action="store_true", help="GPU timing vs dense attention")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--bench", action="store_true", help="GPU: correctness, then timing vs dense attention")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.8])
     args = parser.parse_args(argv)
     if triton is None:
         raise SystemExit("triton is not installed (pip install 'sparkkv[gpu]')")
-    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    device = "cpu" if _interpreting() else "cuda"
     if args.check or not args.bench:
-        for ratio in (0.5, 0.8):
-            keys = torch.randn(2, 2, 77, 64, device=device)
-            packed = compress_keys(keys, torch.randn(2, 8, 8, 64, device=device), SparKConfig(key_prune_ratio=ratio))
-            values = torch.randn(2, 2, 77, 64, device=device)
-            q = torch.randn(2, 2, 4, 64, device=device)
-            got = merge_partials([packed_decode_partials(q, packed, values, 0.125, splits=3)])
-            ref = reference_decode(q, packed, values, 0.125)
-            print(f"ratio {ratio}: rel err {((got - ref).norm() / ref.norm()).item():.2e}")
+        _check(device)
     if args.bench:
-        from triton.testing import do_bench
-
-        h, g, d = 8, 4, 128
-        for s in args.contexts:
-            keys = torch.randn(1, h, s, d, device=device, dtype=torch.bfloat16)
-            values = torch.randn(1, h, s, d, device=device, dtype=torch.bfloat16)
-            packed = compress_keys(keys, torch.randn(1, h * g, 32, d, device=device), SparKConfig(key_prune_ratio=0.8))
-            q = torch.randn(1, h * g, 1, d, device=device, dtype=torch.bfloat16)
-            qr = q.view(1, h, g, d)
-            dense_ms = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True), return_mode="median")
-            packed_ms = do_bench(lambda: merge_partials([packed_decode_partials(qr, packed, values, d**-0.5)]), return_mode="median")
-            print(f"S={s}: dense sdpa {dense_ms:.3f} ms | packed k0.8 {packed_ms:.3f} ms ({packed_ms / dense_ms:.2f}x)")
+        if device != "cuda" or not torch.cuda.is_available():
+            raise SystemExit("--bench needs a CUDA GPU (and TRITON_INTERPRET unset)")
+        _bench(args.contexts, args.batches, args.ratios)
 
 
 if __name__ == "__main__":
