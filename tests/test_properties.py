@@ -28,7 +28,8 @@ PROPERTY = settings(
 PER_MUTATION = settings(PROPERTY, max_examples=max(2, PROPERTY.max_examples // 6))
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # tolerance of the recovered entries against float64: the recovery scale is stored in the model dtype
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# float32: a recovered entry is sqrt(mean of up to D float32 products / qn): ~D * eps relative error
+RTOL = {torch.float32: 5e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 MAX_ELEMENTS = 6144  # keys per case (B * Hkv * S * D): the float64 references loop in Python
 
 
