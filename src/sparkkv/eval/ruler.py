@@ -195,7 +195,11 @@ def _assemble(seg: Segments, head: str, context: list[int], tail: str, length: i
     fixed = len(seg.prefix_ids) + len(seg.ids(head)) + len(context) + len(seg.ids(tail))
     if fixed > length:
         raise AssertionError(f"context overflows: {fixed} > {length}")
-    filler = (seg.ids("\n") or seg.ids(" "))[:1] * (length - fixed)
+    # one token that reads as blank where the tokenizer has one (a word-level tokenizer may not)
+    pad = next((ids[:1] for ids in (seg.ids("\n"), seg.ids(" "), seg.ids(".")) if ids), None)
+    if pad is None and fixed < length:
+        raise ValueError("the tokenizer encodes none of '\\n', ' ', '.': cannot pad a prompt to an exact length")
+    filler = (pad or []) * (length - fixed)
     return seg.prefix_ids + seg.ids(head) + filler + context + seg.ids(tail)
 
 
@@ -244,7 +248,8 @@ def _essay(seg: Segments, path: Path, tokens: int) -> tuple[list[int], list[int]
         pieces = seg.tokenizer.convert_ids_to_tokens(ids)
         bounds = [i + 1 for i, p in enumerate(pieces) if p and p.rstrip()[-1:] in (".", "!", "?")]
         _ESSAY_CACHE[key] = (ids, bounds)
-    return ids[:tokens], [0] + [b for b in bounds if b < tokens] + [tokens]
+    # the cut end is a boundary only if a sentence ends there (else a needle at depth 100 would split a sentence)
+    return ids[:tokens], [0] + [b for b in bounds if b <= tokens]
 
 
 def _random_value(kind: str, rng: random.Random) -> str:
