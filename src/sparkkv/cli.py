@@ -239,7 +239,7 @@ def _check_eval(args) -> None:
         args.configs = grid.build_grid(args.methods, args.ratios, args.budgets)
         grid.check_fits(args.configs, args.lengths)
     except ValueError as exc:
-        raise UsageError(f"{PROG} eval: error: argument --budgets: {exc}") from None
+        raise UsageError(f"{PROG} eval: error: arguments --budgets/--lengths: {exc}") from None
     _check_out(args.out, "eval")
     if args.json is not None:
         parent = args.json.expanduser().resolve().parent

@@ -65,14 +65,16 @@ def pending_units(spec: GridSpec, store: Store) -> int:
 
 
 def run_grid(spec: GridSpec, model, tokenizer, store: Store, progress=None) -> list[dict]:
-    """Compute every unfinished cell of `spec`; returns the grid's records (old and new)."""
-    dense_per_token = runner.dense_bytes_per_token(model)
+    """Compute every unfinished cell of `spec`; returns the grid's records (old and new).
+
+    `model` and `tokenizer` are used only if a cell is unfinished (None is fine otherwise)."""
     for task in spec.tasks:
         for length in spec.lengths:
             cells = {label(c): (c, cell_key(spec.identity(task, length, c))) for c in spec.configs}
             todo = {name: ck for name, ck in cells.items() if not store.finished(ck[1])}
             if not todo:
                 continue
+            dense_per_token = runner.dense_bytes_per_token(model)
             samples = tasks.generate(task, tokenizer, length, spec.n, spec.seed, spec.inputs)
             if spec.max_new_tokens is not None:
                 for s in samples:

@@ -94,8 +94,13 @@ class Store:
 
 
 def _append(path: Path, row: dict) -> None:
+    broken_tail = False  # a line cut by an interrupted write must not swallow the next one
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            broken_tail = f.read(1) != b"\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, default=str) + "\n")
+        f.write(("\n" if broken_tail else "") + json.dumps(row, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
