@@ -96,6 +96,8 @@ def test_fractional_token_count_is_refused_not_truncated(capsys, tmp_path):
         (["generate", "--prompt", "hi", "--key-prune-ratio", "2"], "--key-prune-ratio"),
         (["bench", "methods", "--budget", "4000"], "--budget"),
         (["bench", "warp"], "what"),
+        (["demo", "--lengths", "200"], "--lengths"),
+        (["demo", "--out", "{tmp}/file.txt"], "--out"),
         (["frobnicate"], "frobnicate"),
         ([], "COMMAND"),
     ],

@@ -281,6 +281,18 @@ def _check_generate(args) -> None:
         raise UsageError(f"{PROG} generate: error: the prompt is empty")
 
 
+def _check_demo(args) -> None:
+    from .eval.demo import demo_configs
+    from .eval.grid import check_fits
+
+    if args.lengths:
+        try:  # the testbed fallback keeps a quarter of the prompt: the stricter of the demo's budgets
+            check_fits(demo_configs(budget=0.25), args.lengths)
+        except ValueError as exc:
+            raise UsageError(f"{PROG} demo: error: argument --lengths: {exc}") from None
+    _check_out(args.out, "demo")
+
+
 def _check_bench(args) -> None:
     if args.head_dim % 8:
         raise UsageError(f"{PROG} bench: error: argument --head-dim: must be a multiple of 8 (packed bit masks), got {args.head_dim}")
@@ -393,7 +405,6 @@ def cmd_generate(args) -> None:
 def cmd_demo(args) -> None:
     from .eval.demo import run_demo
 
-    _check_out(args.out, "demo")
     run_demo(model=args.model, n=args.n, lengths=args.lengths, seed=args.seed, out=args.out)
 
 
@@ -421,7 +432,7 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"eval": (_check_eval, cmd_eval), "report": (None, cmd_report), "generate": (_check_generate, cmd_generate),
-            "demo": (None, cmd_demo), "bench": (_check_bench, cmd_bench)}
+            "demo": (_check_demo, cmd_demo), "bench": (_check_bench, cmd_bench)}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
