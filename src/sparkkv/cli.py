@@ -405,7 +405,7 @@ def cmd_generate(args) -> None:
 def cmd_demo(args) -> None:
     from .eval.demo import run_demo
 
-    run_demo(model=args.model, n=args.n, lengths=args.lengths, seed=args.seed, out=args.out)
+    run_demo(model=args.model, n=args.n, lengths=args.lengths, seed=args.seed, out=args.out, progress=_progress)
 
 
 def cmd_bench(args) -> None:
@@ -453,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: this command draws its own
     if args.threads:
         import torch
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ..config import SparKConfig
-from .experiment import GridSpec, run_grid
+from .experiment import GridSpec, pending_units, run_grid
 
 from .records import Store
 from .report import format_table
@@ -62,8 +62,10 @@ def real_spec(model: str, n: int, lengths: list[int], seed: int, text: Path) -> 
 
 
 def run_demo(model: str = "smollm2-135m", n: int | None = None, lengths: list[int] | None = None, seed: int = 0,
-             out: Path | None = None, stream=None) -> list[dict]:
-    """Run the preset and print its table to `stream` (stdout). Returns the records."""
+             out: Path | None = None, stream=None, progress=None) -> list[dict]:
+    """Run the preset and print its table to `stream` (stdout). Returns the records.
+
+    `progress(total, desc)`, if given, makes a progress bar (an object with `update(k)` and `close()`)."""
     from .. import models
 
     stream = stream or sys.stdout
@@ -79,10 +81,17 @@ def run_demo(model: str = "smollm2-135m", n: int | None = None, lengths: list[in
     if testbed:
         spec = GridSpec(model=model, tasks=["passkey", "multikey", "kv_retrieval"], lengths=lengths or [1024], n=n or 10,
                         configs=demo_configs(budget=0.25), seed=seed, batch_size=5)
-        records = run_grid(spec, *loaded, store)
+        specs = [spec]
     else:
-        needle, ppl = real_spec(model, n or 20, lengths or [1024], seed, demo_text(folder))
-        records = run_grid(needle, *loaded, store) + run_grid(ppl, *loaded, store)
+        specs = list(real_spec(model, n or 20, lengths or [1024], seed, demo_text(folder)))
+    bar = progress(sum(pending_units(s, store) for s in specs), "demo (configuration x sample)") if progress else None
+    records = []
+    try:
+        for s in specs:
+            records += run_grid(s, *loaded, store, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     print(summary(records, testbed), file=stream)
     print(f"\n(done in {time.perf_counter() - start:.0f} s; records in {folder})", file=stream)
     return records

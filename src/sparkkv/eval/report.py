@@ -114,7 +114,7 @@ def plot(records: list[dict], folder: Path) -> list[Path]:
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [str(x) for x in lengths])
             ax.set_xlabel("context length (tokens)")
-            ax.set_ylabel("perplexity" if task == "perplexity" else "score")
+            _score_axis(ax, task)
             ax.set_title(task, fontsize=10)
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(tasks):]:
@@ -141,9 +141,17 @@ def _bytes_panel(ax, records: list[dict], task: str, length: int) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("KV bytes per token (log)")
-    ax.set_ylabel("perplexity" if task == "perplexity" else "score")
+    _score_axis(ax, task)
     ax.set_title(f"{task} @ {length} tokens", fontsize=10)
     ax.grid(alpha=0.3, which="both")
+
+
+def _score_axis(ax, task: str) -> None:
+    if task == "perplexity":
+        ax.set_ylabel("perplexity (lower is better)")
+    else:
+        ax.set_ylabel("score")
+        ax.set_ylim(-0.03, 1.03)
 
 
 def _legend(axes):
