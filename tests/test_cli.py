@@ -251,3 +251,17 @@ def test_bench_bytes_small(capsys):
     code, out, err = run(["bench", "bytes", "--contexts", "64", "--kv-heads", "1", "--groups", "2", "--head-dim", "16"], capsys)
     assert code == 0, err
     assert "| dense | 4,096 |" in out and "think k0.8" in out
+
+
+def test_generate_chat_on_the_real_model(capsys):
+    from realmodel import smollm2
+
+    smollm2()  # fetched once per session (skips if impossible)
+    argv = ["generate", "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "12"]
+    code, out, err = run(argv + ["--method", "spark", "--key-prune-ratio", "0.5"], capsys)
+    assert code == 0, err
+    answer, bytes_line = out.strip().rsplit("\n", 1)
+    assert "Paris" in answer and "bytes held for" in bytes_line
+    # SnapKV keeps a 64-token window: a shorter prompt is a usage error, found once the prompt is tokenized
+    code, out, err = run(argv + ["--method", "snapkv+spark", "--budget", "0.9"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--budget" in err and "prompt is" in err

@@ -380,6 +380,7 @@ def cmd_generate(args) -> None:
     import torch
 
     from . import CACHE_KWARG, SparKCache, SparKConfig, models
+    from .eval.grid import check_fits
     from .eval.runner import dense_bytes_per_token
 
     model, tokenizer = models.load(args.model, dtype=_torch_dtype(args.dtype))
@@ -390,6 +391,10 @@ def cmd_generate(args) -> None:
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     else:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    try:  # the prompt's length is known only now, in the model's tokenizer
+        check_fits([args.config], [ids.shape[1]])
+    except ValueError as exc:
+        raise UsageError(f"{PROG} generate: error: argument --budget: {exc} (the prompt is {ids.shape[1]} tokens)") from None
     cache = SparKCache(args.config or SparKConfig(method="dense"))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
