@@ -139,8 +139,13 @@ def _bytes_panel(ax, records: list[dict], task: str, length: int) -> None:
             ax.plot([pts[0][0]], [pts[0][1]], marker="s", color="black")
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=name)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_xscale("log")
-    ax.set_xlabel("KV bytes per token (log)")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
+    ax.set_xlabel("KV bytes per token (log scale)")
     _score_axis(ax, task)
     ax.set_title(f"{task} @ {length} tokens", fontsize=10)
     ax.grid(alpha=0.3, which="both")
