@@ -12,6 +12,10 @@ if not torch.cuda.is_available():
 
 import sparkkv  # noqa: E402,F401  (registers the "sparkkv" attention)
 
+# SPARKKV_TEST_BACKEND=torch|cpu|triton runs the suite with that attention backend wherever a
+# configuration says "auto" (the default), so the whole suite can go through each backend.
+TEST_BACKEND = os.environ.get("SPARKKV_TEST_BACKEND")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -33,3 +37,20 @@ def pytest_runtest_makereport(item, call):
         for key, value in item.user_properties:
             if key == "seed":
                 report.sections.append(("seed", f"replay with SPARKKV_TEST_SEED={value}"))
+
+
+@pytest.fixture(autouse=True)
+def _test_backend(monkeypatch):
+    """Route "auto" to SPARKKV_TEST_BACKEND (attention and, for "torch"/"triton", compression)."""
+    if not TEST_BACKEND:
+        yield
+        return
+    import sparkkv.method as method
+    import sparkkv.ops as ops
+
+    resolve = ops.resolve_backend
+    monkeypatch.setattr(ops, "resolve_backend", lambda name, device: resolve(TEST_BACKEND if name == "auto" else name, device))
+    if TEST_BACKEND != "cpu":
+        fused = method._fused_applies
+        monkeypatch.setattr(method, "_fused_applies", lambda keys, config: config.attention_backend == "cpu" and fused(keys, config))
+    yield

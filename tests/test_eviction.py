@@ -10,7 +10,7 @@ import sparkkv.eviction as eviction
 from conftest import ROOT
 from models import build_pair, rel
 from sparkkv import SparKCache, SparKConfig
-from sparkkv.eviction import pyramid_budget, resolve_budget, snapkv_scores
+from sparkkv.eviction import pyramid_budget, resolve_budgets, snapkv_scores
 
 FIXTURE = ROOT / "tests" / "fixtures" / "snapkv_kvpress"
 
@@ -31,7 +31,7 @@ def test_snapkv_matches_kvpress_fixture(monkeypatch, case_index):
     assert rel(logits, torch.tensor(case["last_logits"])) < 1e-5  # prefill output is the dense one
     s, w = case["seq_len"], case["window_size"]
     for layer, ref in zip(cache.layers, case["layers"]):
-        assert layer.positions.tolist() == ref["kept_positions"]
+        assert layer.blocks[0].positions.tolist() == ref["kept_positions"]
         ref_scores = torch.tensor(ref["scores"])[..., : s - w]
         assert rel(captured[ref["layer_idx"]], ref_scores) < 1e-5
 
@@ -52,14 +52,14 @@ def test_snapkv_scores_hand_checked():
     pooled = snapkv_scores(query, keys, window=4, kernel=3, scaling=1.0)
     assert torch.allclose(pooled[0, 0, [1, 2, 3]], torch.full((3,), 0.5 / 3), atol=1e-6)  # zero-padded mean of 3
     config = SparKConfig(method="snapkv", token_budget=6, eviction_window=4, pool_kernel=1)
-    _, _, positions = eviction.evict_tokens(config, keys, keys, query, None, 6, 1.0)
+    _, _, positions = eviction.evict_tokens(config, keys, keys, query, None, torch.tensor([6]), 1.0)
     assert positions[0, 0].tolist()[:2] == [2, 7] and positions[0, 0].tolist()[2:] == [8, 9, 10, 11]
 
 
 def test_streamingllm_hand_checked():
     keys = torch.randn(2, 3, 20, 8)
     config = SparKConfig(method="streamingllm", token_budget=8, sink_tokens=4)
-    k, v, positions = eviction.evict_tokens(config, keys, keys + 1, None, None, 8, 1.0)
+    k, v, positions = eviction.evict_tokens(config, keys, keys + 1, None, None, torch.tensor([8]), 1.0)
     assert positions.tolist() == [[[0, 1, 2, 3, 16, 17, 18, 19]] * 3] * 2
     assert torch.equal(k, keys[:, :, [0, 1, 2, 3, 16, 17, 18, 19]]) and torch.equal(v, k + 1)
 
@@ -76,14 +76,25 @@ def test_pyramid_budgets_hand_checked():
 
 def test_budget_resolution_and_errors():
     c = SparKConfig(method="snapkv+spark", token_budget=0.25, eviction_window=16)
-    assert resolve_budget(c, 1000, 0, 2) == 250
-    with pytest.raises(ValueError, match="larger than the prompt"):
-        resolve_budget(SparKConfig(method="snapkv", token_budget=500), 300, 0, 2)
+    assert resolve_budgets(c, 1000).tolist() == [250]
+    # a fraction of each row's real tokens; a budget at or above a row's length keeps the row
+    valid = torch.ones(2, 1000, dtype=torch.bool)
+    valid[1, :600] = False
+    assert resolve_budgets(c, 1000, valid).tolist() == [250, 100]
+    assert resolve_budgets(SparKConfig(method="snapkv", token_budget=500), 300).tolist() == [300]
     with pytest.raises(ValueError, match="smaller than eviction_window"):
-        resolve_budget(SparKConfig(method="snapkv", token_budget=0.1), 300, 0, 2)
-    spark, _ = build_pair("llama")
-    with pytest.raises(ValueError, match="larger than the prompt"):
-        spark(torch.randint(0, 211, (1, 50)), past_key_values=SparKCache(method="snapkv", token_budget=80))
+        resolve_budgets(SparKConfig(method="snapkv", token_budget=0.1), 300)
+    with pytest.raises(ValueError, match="must exceed sink_tokens"):
+        resolve_budgets(SparKConfig(method="streamingllm", token_budget=0.01, sink_tokens=4), 300)
+    with pytest.raises(ValueError, match="depth"):
+        resolve_budgets(SparKConfig(method="pyramidkv", token_budget=100), 300)
+    # a prompt shorter than the budget keeps everything and decodes like dense
+    spark, dense = build_pair("llama")
+    ids = torch.randint(0, 211, (1, 50))
+    with torch.no_grad():
+        cache = SparKCache(method="snapkv", token_budget=80)
+        a = spark(ids, past_key_values=cache).logits
+        assert cache.layers[0].blocks[0].positions is None and cache.layers[0].stats["kept_tokens"] == 50
 
 
 @pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "streamingllm", "snapkv+think", "snapkv+spark"])
@@ -146,7 +157,7 @@ def test_think_keeps_one_channel_set_per_head(seed):
     dense_keys = torch.cat([c.dense() for c in layer.key_chunks], dim=2)
     used = dense_keys.abs().sum(2) > 0  # [B, H, D]: channels nonzero in any token (decode blocks included)
     assert (used.sum(-1) <= 16).all()
-    assert all(torch.equal(c.idx.long(), layer.think_channels) for c in layer.key_chunks)
+    assert all(torch.equal(c.idx, layer.think_channels) for c in layer.key_chunks)
 
 
 def test_left_padding_with_eviction_matches_batch_one(seed):
@@ -164,7 +175,7 @@ def test_left_padding_with_eviction_matches_batch_one(seed):
     single = spark.generate(short_ids, past_key_values=single_cache, **kw)
     # the padded row kept exactly the batch-1 tokens (shifted by the 16 pads), no padding
     for lb, ls in zip(cache.layers, single_cache.layers):
-        assert torch.equal(lb.positions[1, :, :40] - 16, ls.positions[0, :, :40])
+        assert torch.equal(lb.blocks[0].positions[1, :, :40] - 16, ls.blocks[0].positions[0, :, :40])
     got = torch.stack([s[1] for s in batched.logits])
     want = torch.stack([s[0] for s in single.logits])
     assert rel(got, want) < 1e-3

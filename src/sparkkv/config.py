@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 SALIENCY_FORMS = ("squared", "paper")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 SELECTIONS = ("ratio", "top_p", "grouped")
 RECOVERIES = ("mean", "zero", "constant", "exponential", "normal")
 
@@ -58,7 +59,7 @@ def pruned_count(ratio: float, dim: int) -> int:
 class SparKConfig:
     """How to compress the KV cache.
 
-    Channel pruning (method.md sections 3-6):
+    Channel pruning (docs/method.md sections 3-6):
         key_prune_ratio: fraction `lam` of key channels pruned per token, in [0, 1).
             `P = floor(lam * D)` pruned, `T = D - P` kept (0.5 -> 64 of 128, 0.8 -> 26 of 128).
             Used by `selection="ratio"` and by ThinK.
@@ -79,10 +80,20 @@ class SparKConfig:
         seed: seed of the sampled recoveries.
 
     Decode:
+        attention_backend: how attention reads the stored chunks after prefill (sparkkv/ops.py):
+            "auto" (default: the fused C++ kernel for CPU tensors when it builds, else "torch"),
+            "torch" (the PyTorch reference), "cpu" (the fused C++ kernels), "triton" (CUDA; on
+            CPU tensors only under TRITON_INTERPRET=1). An explicit backend that cannot run raises
+            at the first forward; one that cannot serve a chunk says why (log + layer_stats()).
         compress_decode: compress generated tokens too. They enter a dense tail; when the tail
             holds more than `block_size` tokens its oldest `block_size` are compressed with the
             query norms stored at prefill. False keeps every generated token dense (the paper).
-        block_size: tokens compressed at a time from the dense tail (>= 1).
+        block_size: tokens compressed at a time from the dense tail (>= 1). Sliding-window layers
+            also drop expired tokens a block at a time.
+        compress_sliding: apply the channel policy to sliding-window and chunked-attention layers
+            too (default True: on models whose layers are mostly or all sliding, such as Gemma 3
+            or Mistral with a window, that is where the memory is). False keeps those layers dense,
+            exactly as DynamicCache does. Such layers are never evicted (docs/design.md).
 
     Token eviction (applied at the end of prefill, before channel pruning):
         method: "[<eviction>+]<channel policy>"; see `parse_method`. Default "spark".
@@ -105,8 +116,10 @@ class SparKConfig:
     recovery_constant: float = 0.01
     value_prune_ratio: float = 0.0
     seed: int = 0
+    attention_backend: str = "auto"
     compress_decode: bool = True
     block_size: int = 64
+    compress_sliding: bool = True
     token_budget: int | float | None = None
     eviction_window: int = 64
     pool_kernel: int = 5
@@ -126,9 +139,12 @@ class SparKConfig:
         if not _is_real(self.recovery_constant) or not (self.recovery_constant > 0 and math.isfinite(self.recovery_constant)):
             raise ValueError(f"recovery_constant must be a finite number > 0, got {self.recovery_constant!r}")
         _check_int("seed", self.seed, 0)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if not isinstance(self.compress_decode, bool):
             raise TypeError(f"compress_decode must be a bool, got {self.compress_decode!r}")
         _check_int("block_size", self.block_size, 1)
+        if not isinstance(self.compress_sliding, bool):
+            raise TypeError(f"compress_sliding must be a bool, got {self.compress_sliding!r}")
         _check_int("eviction_window", self.eviction_window, 1)
         _check_int("pool_kernel", self.pool_kernel, 1)
         if self.pool_kernel % 2 == 0:

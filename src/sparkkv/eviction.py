@@ -1,4 +1,4 @@
-"""Token eviction at the end of prefill (method.md section 7), applied before channel pruning.
+"""Token eviction at the end of prefill (docs/method.md section 7), applied before channel pruning.
 
     snapkv        score older prompt tokens by the softmax attention of the last
                   `eviction_window` queries, averaged over the window, 1-D average-pooled
@@ -8,13 +8,21 @@
                   summing to the same total as a uniform budget.
     streamingllm  the first `sink_tokens` tokens plus the most recent ones.
 
-Every (batch, kv-head) keeps the same number of tokens; which tokens differs per head.
+Padding: every row is treated as if it were alone. Its budget comes from its own length (a
+fractional budget is a fraction of the row's real tokens; a budget at or above the row's length
+keeps the whole row), padding is never kept in place of a real token, and StreamingLLM's sinks are
+the row's first real tokens. Rows of one batch must store the same number of tokens, so a row
+whose budget is smaller than the batch's largest fills the difference with filler slots at
+logical position -1, which every mask hides.
+
+Every (batch, kv-head) then keeps the same number of tokens; which tokens differs per head.
 Kept tokens stay in their original order and their logical positions are returned, so the
 cache can look masks up by position.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -22,29 +30,41 @@ import torch.nn.functional as F
 
 from .config import SparKConfig
 
+log = logging.getLogger(__name__)
 
-def resolve_budget(config: SparKConfig, prompt_len: int, layer_idx: int, num_layers: int | None) -> int:
-    """Tokens this layer keeps (per kv-head), window included. Raises on impossible budgets."""
+
+def resolve_budgets(
+    config: SparKConfig,
+    prompt_len: int,
+    valid: torch.Tensor | None = None,
+    layer_index: int | None = None,
+    num_layers: int | None = None,
+) -> torch.Tensor:
+    """Tokens each batch row keeps in this layer (per kv-head), window included: int64 `[B]`
+    (`[1]` without a padding mask). `valid [B, S]` marks real tokens; `layer_index` /
+    `num_layers` place the layer among the full-attention layers (PyramidKV). Raises a
+    `ValueError` naming the budget when it cannot hold the SnapKV window or the sinks."""
+    lengths = [prompt_len] if valid is None else [int(n) for n in valid.sum(-1).tolist()]
     budget = config.token_budget
-    if isinstance(budget, float):
-        tokens = int(math.floor(budget * prompt_len))
-        what = f"token_budget={budget} of a {prompt_len}-token prompt ({tokens} tokens)"
-    else:
-        tokens = int(budget)
-        what = f"token_budget={budget}"
-    if tokens > prompt_len:
-        raise ValueError(f"{what} is larger than the prompt ({prompt_len} tokens); use at most {prompt_len}")
-    if config.eviction in ("snapkv", "pyramidkv") and tokens < config.eviction_window:
-        raise ValueError(
-            f"{what} is smaller than eviction_window={config.eviction_window}; SnapKV/PyramidKV keep the whole window"
-        )
-    if config.eviction == "streamingllm" and tokens <= config.sink_tokens:
-        raise ValueError(f"{what} must exceed sink_tokens={config.sink_tokens}")
-    if config.eviction == "pyramidkv":
-        if num_layers is None:
-            raise ValueError("pyramidkv needs the model's num_hidden_layers (module.config is missing)")
-        return pyramid_budget(tokens, prompt_len, config.eviction_window, config.pyramid_beta, layer_idx, num_layers)
-    return tokens
+    out = []
+    for length in lengths:
+        tokens = int(math.floor(budget * length)) if isinstance(budget, float) else int(budget)
+        what = f"token_budget={budget}" + (f" of a {length}-token prompt ({tokens} tokens)" if isinstance(budget, float) else "")
+        if tokens >= length:
+            out.append(length)  # nothing to evict
+            continue
+        if config.eviction in ("snapkv", "pyramidkv") and tokens < config.eviction_window:
+            raise ValueError(
+                f"{what} is smaller than eviction_window={config.eviction_window}; SnapKV/PyramidKV keep the whole window"
+            )
+        if config.eviction == "streamingllm" and tokens <= config.sink_tokens:
+            raise ValueError(f"{what} must exceed sink_tokens={config.sink_tokens}")
+        if config.eviction == "pyramidkv":
+            if layer_index is None or num_layers is None:
+                raise ValueError("pyramidkv needs the layer's depth: build the cache with model_config= or run it inside a model")
+            tokens = pyramid_budget(tokens, length, config.eviction_window, config.pyramid_beta, layer_index, num_layers)
+        out.append(min(tokens, length))
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def pyramid_budget(budget: int, prompt_len: int, window: int, beta: float, layer_idx: int, num_layers: int) -> int:
@@ -70,13 +90,16 @@ def snapkv_scores(
     kernel: int,
     scaling: float,
     mask: torch.Tensor | None = None,
+    window_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SnapKV importance of the older prompt tokens: float32 `[B, Hkv, S - window]`.
 
-    query `[B, Hq, S, D]` (prompt queries), keys `[B, Hkv, S, D]`, mask: the prefill mask
-    (`[B, 1, S, S]` bool or additive) or None for plain causal.
+    query `[B, Hq, n >= window, D]` (the last prompt queries), keys `[B, Hkv, S, D]`, mask: the
+    prefill mask's rows for those queries (`[B, 1, n, S]` bool or additive) or None for plain
+    causal; `window_valid [B, window]` drops query rows (padding, non-finite) from the scores.
     """
-    b, hq, s, d = query.shape
+    b, hq = query.shape[:2]
+    s, d = keys.shape[2], keys.shape[3]
     h = keys.shape[1]
     g = hq // h
     qw = query[:, :, -window:].float().reshape(b, h, g * window, d)
@@ -90,9 +113,21 @@ def snapkv_scores(
         allowed = allowed.unsqueeze(2)  # [B, 1, 1, W, S]
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = logits.softmax(dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> 0
+    if window_valid is not None:
+        probs = probs * window_valid.to(probs.dtype).view(b, 1, 1, window, 1)
     scores = probs[..., : s - window].mean(dim=-2)  # [B, H, G, S - W]
     scores = F.avg_pool1d(scores.reshape(b * h * g, 1, s - window), kernel, stride=1, padding=kernel // 2)
     return scores.view(b, h, g, s - window).mean(dim=2)
+
+
+def _pick(kept: torch.Tensor, priority: torch.Tensor, slots: int) -> torch.Tensor:
+    """Positions of the `slots` highest-priority tokens of every row, where `kept` marks the
+    tokens the policy keeps (at most `slots` per row); the other picks are fillers, returned as
+    position -1 (masked everywhere). `[..., S]` -> int64 `[..., slots]`, ascending."""
+    priority = torch.where(kept, priority, torch.full_like(priority, -1.0))
+    picked = priority.topk(slots, dim=-1).indices
+    positions = torch.where(kept.gather(-1, picked), picked, torch.full_like(picked, -1))
+    return positions.sort(dim=-1).values
 
 
 def evict_tokens(
@@ -101,28 +136,47 @@ def evict_tokens(
     values: torch.Tensor,
     query: torch.Tensor,
     mask: torch.Tensor | None,
-    budget: int,
+    budgets: torch.Tensor,
     scaling: float,
-    key_valid: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    window_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep `budget` tokens per (batch, kv-head). Returns compact `(keys, values, positions)`,
-    positions int64 `[B, Hkv, budget]` ascending. `key_valid [B, S]` marks non-padding tokens
-    (padding is evicted first)."""
+    """Keep `max(budgets)` slots per (batch, kv-head): row b keeps `budgets[b]` real tokens (see
+    the module docstring); a row with a smaller budget fills its other slots with filler tokens
+    at position -1, which every mask hides. Returns compact `(keys, values, positions)`,
+    positions int64 `[B, Hkv, K]` ascending. `valid [B, S]` marks non-padding tokens;
+    `window_valid [B, n]` the last query rows that may score (SnapKV)."""
     b, h, s, d = keys.shape
-    if budget >= s:
-        positions = torch.arange(s, device=keys.device).expand(b, h, s)
+    device = keys.device
+    budgets = budgets.to(device).expand(b)
+    slots = int(budgets.max())
+    if slots >= s and bool((budgets == s).all()):
+        positions = torch.arange(s, device=device).expand(b, h, s)
         return keys, values, positions
+    real = torch.ones(b, s, dtype=torch.bool, device=device) if valid is None else valid.to(device)
     if config.eviction == "streamingllm":
-        sink = config.sink_tokens
-        keep = torch.cat([torch.arange(sink), torch.arange(s - (budget - sink), s)]).to(keys.device)
-        positions = keep.expand(b, h, budget)
+        order = real.long().cumsum(-1) - 1  # index of each real token among the row's real tokens
+        length = real.sum(-1, keepdim=True)
+        recent = (budgets - config.sink_tokens).unsqueeze(-1)
+        kept = real & ((order < config.sink_tokens) | (order >= length - recent))
+        positions = _pick(kept, kept.float(), slots).unsqueeze(1).expand(b, h, slots)
     else:
         window = config.eviction_window
-        scores = snapkv_scores(query, keys, window, config.pool_kernel, scaling, mask)
-        if key_valid is not None:
-            scores = scores.masked_fill(~key_valid[:, None, : s - window], float("-inf"))
-        older = scores.topk(budget - window, dim=-1).indices
-        window_pos = torch.arange(s - window, s, device=keys.device).expand(b, h, window)
-        positions = torch.cat([older, window_pos], dim=-1).sort(dim=-1).values
-    index = positions.unsqueeze(-1).expand(b, h, budget, d)
-    return keys.gather(2, index), values.gather(2, positions.unsqueeze(-1).expand(b, h, budget, values.shape[-1])), positions
+        older = s - window
+        wv = window_valid
+        if wv is not None and wv.shape[-1] > window:
+            wv = wv[:, -window:]
+        scores = snapkv_scores(query, keys, window, config.pool_kernel, scaling, mask, wv)
+        real_older = real[:, None, :older].expand(b, h, older)
+        scores = scores.masked_fill(~real_older, float("-inf"))
+        rank = torch.empty_like(scores, dtype=torch.int64)
+        order = scores.argsort(dim=-1, descending=True, stable=True)
+        rank.scatter_(-1, order, torch.arange(older, device=device).expand(b, h, older))
+        kept = real_older & (rank < (budgets - window).view(b, 1, 1))
+        picked = _pick(kept, (older - rank).float(), slots - window)
+        window_pos = torch.arange(older, s, device=device).expand(b, h, window)
+        positions = torch.cat([picked, window_pos], dim=-1)
+    index = positions.clamp_min(0).unsqueeze(-1)
+    kept_keys = keys.gather(2, index.expand(b, h, slots, d))
+    kept_values = values.gather(2, index.expand(b, h, slots, values.shape[-1]))
+    return kept_keys, kept_values, positions

@@ -1,6 +1,6 @@
 """SparK, the method, in one place: saliency -> select -> recover -> pack.
 
-Shapes (method.md section 2): keys `K [B, Hkv, S, D]` after RoPE (and any key norm), window
+Shapes (docs/method.md section 2): keys `K [B, Hkv, S, D]` after RoPE (and any key norm), window
 queries `Qw [B, Hq, W, D]` after RoPE and the model's own query norm, `Hq = G * Hkv`.
 Arithmetic runs in float32 whatever the model dtype; only the packed values keep it.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SparKConfig, pruned_count
-from .packed import PackedTensor
+from .packed import PackedTensor, scale_dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,8 +41,9 @@ def window_query_norm(
     if num_kv_heads < 1 or hq % num_kv_heads:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({num_kv_heads})")
     pooled = window_queries.float().reshape(b, num_kv_heads, hq // num_kv_heads, w, d).mean(dim=2)
-    if window_mask is not None:
-        pooled = pooled * window_mask.to(pooled.device, torch.float32).reshape(b, 1, w, 1)
+    if window_mask is not None:  # where(), not a product: a dropped row may hold NaN/inf
+        keep = window_mask.to(pooled.device, torch.bool).reshape(b, 1, w, 1)
+        pooled = torch.where(keep, pooled, torch.zeros_like(pooled))
     return pooled.norm(dim=2)
 
 
@@ -90,7 +91,8 @@ def select_channels(s: torch.Tensor, config: SparKConfig) -> torch.Tensor:
         t = d - pruned_count(config.key_prune_ratio, d)
         if t == d:
             return torch.ones_like(s, dtype=torch.bool)
-        idx = s.topk(t, dim=-1, sorted=False).indices
+        # stable: among equal saliencies the lower channel is kept (the fused kernel's rule too)
+        idx = s.argsort(dim=-1, descending=True, stable=True)[..., :t]
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
     if config.selection == "top_p":
         return _mask_from_counts(s, _mass_count(s, config.top_p))
@@ -138,7 +140,7 @@ def recover(
     config: SparKConfig,
     generator: torch.Generator | None = None,
 ) -> Recovery:
-    """Recovery of the pruned entries (method.md section 5).
+    """Recovery of the pruned entries (docs/method.md section 5).
 
     mean:     `a_t = mean_{c pruned} s[t, c]`; entry -> `sign(K) * sqrt(a_t / qn[c])`
               (`a_t / qn[c]` for the paper's saliency form). Stored as `scale_t = sqrt(a_t)` and
@@ -231,32 +233,89 @@ def compress_keys(
                 f"window_queries {tuple(window_queries.shape)} do not match keys {tuple(keys.shape)} in batch or head_dim"
             )
         qn = window_query_norm(window_queries, keys.shape[1], window_mask)
+    if _fused_applies(keys, config):
+        return _compress_fused(keys, qn, config)
     s = saliency(keys, qn, config.saliency)
     keep = select_channels(s, config)
     rec = recover(keys, s, keep, qn, config, generator)
     return PackedTensor.from_dense(keys, keep, sign=rec.sign, scale=rec.scale, chan=rec.chan, fill=rec.fill)
 
 
-def value_scores(values: torch.Tensor) -> torch.Tensor:
-    """Query-agnostic value importance (the released code's heuristic, section 6):
+def _fused_applies(keys: torch.Tensor, config: SparKConfig) -> bool:
+    """The fused CPU kernel serves the fixed-ratio selection with the deterministic recoveries,
+    when the configured backend is "cpu" or "auto" and the kernel builds here."""
+    if keys.device.type != "cpu" or config.selection != "ratio" or config.recovery not in ("mean", "zero", "constant"):
+        return False
+    if config.attention_backend not in ("auto", "cpu"):
+        return False
+    from .kernels import cpu_compress
+
+    return cpu_compress.available()
+
+
+def _compress_fused(keys: torch.Tensor, qn: torch.Tensor, config: SparKConfig) -> PackedTensor:
+    """`compress_keys` through kernels/cpu_compress.cpp (same result as the steps above)."""
+    from .kernels import cpu_compress
+
+    b, h, s, d = keys.shape
+    t = d - pruned_count(config.key_prune_ratio, d)
+    recovery = config.recovery
+    vals, keep, sign, mean = cpu_compress.compress_fixed(keys, qn, t, config.saliency == "squared", recovery != "zero")
+    scale = chan = None
+    if recovery == "mean":
+        scale = mean.sqrt() if config.saliency == "squared" else mean
+        chan = inverse_saliency_factor(qn, config.saliency)
+    elif recovery == "constant":
+        chan = torch.full((b, h, d), float(config.recovery_constant), device=keys.device)
+    return PackedTensor(
+        shape=tuple(keys.shape),
+        dtype=keys.dtype,
+        vals=vals,
+        keep=keep,
+        sign=sign,
+        scale=None if scale is None else scale.to(scale_dtype(keys.dtype)),
+        chan=chan,
+    )
+
+
+def _token_weights(token_mask: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """`[B, S]` or `[B, H, S]` bool -> float32 `[B, H, S, 1]` (1 = real token), or None."""
+    if token_mask is None:
+        return None
+    b, h, s, _ = shape
+    m = token_mask if token_mask.dim() == 3 else token_mask.unsqueeze(1)
+    return m.expand(b, h, s).unsqueeze(-1).float()
+
+
+def value_scores(values: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Query-agnostic value importance (the released code's heuristic, docs/method.md section 6):
     `0.7 * |v| + 0.3 * diversity / max(diversity)`, where diversity[t, c] is the variance of
-    channel c across the tokens plus the variance of token t across the channels."""
+    channel c across the tokens plus the variance of token t across the channels.
+    `token_mask` (`[B, S]` or `[B, H, S]` bool) restricts the statistics to real tokens, so a
+    padded row scores its tokens as it would alone."""
     v = values.float()
-    var_seq = v.var(dim=2, unbiased=False, keepdim=True) if v.shape[2] > 1 else torch.zeros_like(v[:, :, :1])
+    w = _token_weights(token_mask, v.shape)
+    if w is None:
+        var_seq = v.var(dim=2, unbiased=False, keepdim=True) if v.shape[2] > 1 else torch.zeros_like(v[:, :, :1])
+    else:
+        n = w.sum(dim=2, keepdim=True).clamp_min(1)
+        mean = (v * w).sum(dim=2, keepdim=True) / n
+        var_seq = ((v - mean) ** 2 * w).sum(dim=2, keepdim=True) / n
     var_chan = v.var(dim=3, unbiased=False, keepdim=True)
     diversity = var_seq + var_chan
-    peak = diversity.amax(dim=(2, 3), keepdim=True)
+    peak = (diversity if w is None else diversity * w).amax(dim=(2, 3), keepdim=True)
     diversity = torch.where(peak > 0, diversity / peak.clamp_min(1e-30), torch.zeros_like(diversity))
     return 0.7 * v.abs() + 0.3 * diversity
 
 
-def compress_values(values: torch.Tensor, ratio: float) -> PackedTensor:
+def compress_values(values: torch.Tensor, ratio: float, *, token_mask: torch.Tensor | None = None) -> PackedTensor:
     """Prune `floor(ratio * D)` value channels per token by `value_scores`; each pruned entry
-    becomes the token's mean pruned value. values `[B, Hkv, S, D]` -> `PackedTensor`."""
+    becomes the token's mean pruned value. values `[B, Hkv, S, D]` -> `PackedTensor`.
+    `token_mask` (`[B, S]` or `[B, H, S]` bool, optional) marks real (non-padding) tokens."""
     check_head_dim(values.shape[-1])
     d = values.shape[-1]
     p = pruned_count(ratio, d)
-    scores = value_scores(values)
+    scores = value_scores(values, token_mask)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if p:
         idx = scores.topk(p, dim=-1, largest=False, sorted=False).indices
@@ -266,14 +325,20 @@ def compress_values(values: torch.Tensor, ratio: float) -> PackedTensor:
     return PackedTensor.from_dense(values, keep, scale=mean_pruned)
 
 
-def think_keep_mask(keys: torch.Tensor, qn_sq_mean: torch.Tensor, ratio: float) -> torch.Tensor:
+def think_keep_mask(
+    keys: torch.Tensor, qn_sq_mean: torch.Tensor, ratio: float, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """ThinK's structured choice: one channel set per (batch, kv-head) for all tokens.
 
     Channel score `mean_window(q^2) * mean_tokens(k^2)` (`qn_sq_mean [B, Hkv, D]` is the
-    GQA-pooled `mean_window(q^2)`); keeps the top `D - floor(ratio * D)`. Returns the kept
-    channel indices, ascending: int64 `[B, Hkv, T]`.
+    GQA-pooled `mean_window(q^2)`; `token_mask` restricts the token mean to real tokens);
+    keeps the top `D - floor(ratio * D)`. Returns the kept channel indices, ascending:
+    int64 `[B, Hkv, T]`.
     """
     d = keys.shape[-1]
     t = d - pruned_count(ratio, d)
-    score = qn_sq_mean.float() * keys.float().pow(2).mean(dim=2)
+    k2 = keys.float().pow(2)
+    w = _token_weights(token_mask, keys.shape)
+    k2_mean = k2.mean(dim=2) if w is None else (k2 * w).sum(dim=2) / w.sum(dim=2).clamp_min(1)
+    score = qn_sq_mean.float() * k2_mean
     return score.topk(t, dim=-1).indices.sort(dim=-1).values

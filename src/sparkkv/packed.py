@@ -21,11 +21,22 @@ zero recovery stores none of them; value pruning with mean fill stores `scale` o
 
 `nbytes` counts the bytes the tensors' storages really hold (a view would keep its whole
 base storage alive, so every field is an owning, compact tensor).
+
+Every stored chunk -- `DenseChunk` (a plain tensor), `PackedTensor` (SparK keys, pruned values),
+`ColumnPackedTensor` (ThinK keys) -- implements one small protocol, `Chunk`: its shape and
+length, `dense()`, the reference `logits(query_rows)` and `weighted_sum(probs)` (what attention
+needs from a key chunk and a value chunk), `kept_per_row()`, `slice_seq` / `index_batch` (crop,
+beam search) and `tensors()` / `nbytes`. The cache stores chunks and the attention ops read them
+through this protocol only; the fused kernels in `kernels/` read the fields directly.
+
+Scale dtype: `scale` is stored in the model dtype, except for float16 models, where it is float32
+(a recovery magnitude or a mean can exceed float16's 65504).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -72,13 +83,130 @@ def storage_nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(seen.values())
 
 
-def _own(t: torch.Tensor | None) -> torch.Tensor | None:
-    """A compact tensor that owns its storage (no view of a larger base)."""
+def compact(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` itself if it owns exactly its storage, else a compact copy (a view, even a zero-length
+    slice, keeps its whole base storage alive)."""
     if t is None:
         return None
     if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
     return t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+
+
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of per-row scalars for a model dtype (float32 where float16 could overflow)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def reference_logits(query_rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`query_rows [B, H, M, D] @ keys [B, H, S, D]^T` in float32 -> `[B, H, M, S]` (float16
+    products can overflow before the softmax scaling, so everything is upcast)."""
+    return torch.matmul(query_rows.float(), keys.float().transpose(-1, -2))
+
+
+def reference_weighted_sum(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`probs [B, H, M, S] @ values [B, H, S, D]` in float32 -> `[B, H, M, D]`."""
+    return torch.matmul(probs.float(), values.float())
+
+
+class Chunk(Protocol):
+    """What the cache stores per block of tokens (keys or values of `[B, H, S, D]`)."""
+
+    shape: tuple[int, int, int, int]
+
+    @property
+    def seq_len(self) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The `[B, H, S, D]` tensor attention sees (pruned entries recovered)."""
+
+    def logits(self, query_rows: torch.Tensor) -> torch.Tensor:
+        """float32 `[B, H, M, S]` = `query_rows [B, H, M, D] @ dense()^T` (the PyTorch reference)."""
+
+    def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
+        """float32 `[B, H, M, D]` = `probs [B, H, M, S] @ dense()` (the PyTorch reference)."""
+
+    def kept_per_row(self) -> torch.Tensor:
+        """int64 `[B, H, S]`: channels stored explicitly per row."""
+
+    def kernel_keys(self, query_rows: torch.Tensor | None) -> tuple[torch.Tensor | None, object]:
+        """`(query rows, operand)` for a fused kernel reading this chunk as keys: the operand is a
+        dense tensor or a `PackedTensor` (ThinK columns: dense keys over the kept channels, with
+        the query rows' matching channels). `query_rows=None` asks for the operand only."""
+
+    def kernel_values(self) -> object:
+        """The operand a fused kernel reads for this chunk as values."""
+
+    def slice_seq(self, start: int, stop: int) -> "Chunk": ...
+
+    def index_batch(self, index: torch.Tensor) -> "Chunk": ...
+
+    def tensors(self) -> list[torch.Tensor]: ...
+
+    def to(self, device) -> "Chunk": ...
+
+
+@dataclass
+class DenseChunk:
+    """A plain `[B, H, S, D]` tensor as a chunk (the dense tail; `method="dense"` or eviction only)."""
+
+    data: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.data = compact(self.data)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.data.shape)
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return storage_nbytes(self.data)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.data]
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.data if dtype is None else self.data.to(dtype)
+
+    def logits(self, query_rows: torch.Tensor) -> torch.Tensor:
+        return reference_logits(query_rows, self.data)
+
+    def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
+        return reference_weighted_sum(probs, self.data)
+
+    def kept_per_row(self) -> torch.Tensor:
+        b, h, s, d = self.data.shape
+        return torch.full((b, h, s), d, dtype=torch.int64, device=self.data.device)
+
+    def kernel_keys(self, query_rows: torch.Tensor | None):
+        return query_rows, self.data
+
+    def kernel_values(self):
+        return self.data
+
+    def slice_seq(self, start: int, stop: int) -> "DenseChunk":
+        return DenseChunk(self.data[:, :, start:stop])
+
+    def index_batch(self, index: torch.Tensor) -> "DenseChunk":
+        return DenseChunk(self.data.index_select(0, index.to(self.data.device)))
+
+    def to(self, device) -> "DenseChunk":
+        return DenseChunk(self.data.to(device))
 
 
 @dataclass
@@ -97,7 +225,7 @@ class PackedTensor:
     def __post_init__(self) -> None:
         self.shape = tuple(int(x) for x in self.shape)
         for name in ("vals", "keep", "sign", "scale", "chan", "fill"):
-            setattr(self, name, _own(getattr(self, name)))
+            setattr(self, name, compact(getattr(self, name)))
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -132,7 +260,7 @@ class PackedTensor:
             vals=vals,
             keep=pack_bits(keep),
             sign=None if sign is None else pack_bits(sign & ~keep),
-            scale=None if scale is None else scale.to(x.dtype),
+            scale=None if scale is None else scale.to(scale_dtype(x.dtype)),
             chan=None if chan is None else chan.float(),
             fill=None if fill is None else fill.to(x.dtype)[~keep],
         )
@@ -196,6 +324,20 @@ class PackedTensor:
         out = self.fill_values(keep, dtype)
         return out.masked_scatter_(keep, self.vals.to(out.dtype))
 
+    def logits(self, query_rows: torch.Tensor) -> torch.Tensor:
+        """Reference logits: the chunk is rebuilt densely (float32, recovered entries unrounded),
+        used for one matmul and dropped."""
+        return reference_logits(query_rows, self.dense(torch.float32))
+
+    def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
+        return reference_weighted_sum(probs, self.dense(torch.float32))
+
+    def kernel_keys(self, query_rows: torch.Tensor | None):
+        return query_rows, self
+
+    def kernel_values(self):
+        return self
+
     def full_vals(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Kept values scattered to `[B, H, S, D]` with zeros elsewhere."""
         if keep is None:
@@ -225,15 +367,33 @@ class PackedTensor:
             fill=fill,
         )
 
+    def _map_rows(self, row_op, chan_op) -> "PackedTensor":
+        """Fixed T: apply `row_op` to every per-row field directly (no rebuild)."""
+        opt = lambda t, op: None if t is None else op(t)  # noqa: E731
+        keep = row_op(self.keep)
+        return replace(
+            self,
+            shape=(*keep.shape[:3], self.shape[3]),
+            vals=row_op(self.vals),
+            keep=keep,
+            sign=opt(self.sign, row_op),
+            scale=opt(self.scale, lambda t: row_op(t.unsqueeze(-1)).squeeze(-1)),
+            chan=opt(self.chan, chan_op),
+        )
+
     def index_batch(self, index: torch.Tensor) -> "PackedTensor":
         """Rows of the batch in the order of `index` (may repeat: beam search)."""
         index = index.to(self.keep.device)
         op = lambda t: t.index_select(0, index)  # noqa: E731
+        if self.fixed_t is not None and self.fill is None:
+            return self._map_rows(op, op)
         return self._rebuild(op, op)
 
     def slice_seq(self, start: int, stop: int) -> "PackedTensor":
         """Tokens `start:stop` along the sequence axis (a compact copy)."""
         op = lambda t: t[:, :, start:stop].contiguous().clone()  # noqa: E731
+        if self.fixed_t is not None and self.fill is None:
+            return self._map_rows(op, lambda c: c)
         return self._rebuild(op, lambda c: c)
 
     def to(self, device) -> "PackedTensor":
@@ -263,14 +423,15 @@ class ColumnPackedTensor:
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(x) for x in self.shape)
-        self.vals, self.idx = _own(self.vals), _own(self.idx)
+        self.vals, self.idx = compact(self.vals), compact(self.idx)
 
     @classmethod
     def from_dense(cls, x: torch.Tensor, idx: torch.Tensor) -> "ColumnPackedTensor":
         """Keep columns `idx [B, H, T]` (ascending) of `x [B, H, S, D]`."""
         b, h, s, _ = x.shape
         vals = x.gather(-1, idx.long().unsqueeze(2).expand(b, h, s, idx.shape[-1]))
-        return cls(shape=tuple(x.shape), vals=vals, idx=idx.to(torch.int16))
+        # int16 indices; an int16 `idx` passes through as the same tensor, so blocks share it
+        return cls(shape=tuple(x.shape), vals=vals, idx=idx if idx.dtype == torch.int16 else idx.to(torch.int16))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -291,10 +452,34 @@ class ColumnPackedTensor:
     def nbytes(self) -> int:
         return storage_nbytes(self.vals, self.idx)
 
-    def dense(self) -> torch.Tensor:
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         b, h, s, d = self.shape
         index = self.idx.long().unsqueeze(2).expand(b, h, s, self.idx.shape[-1])
-        return torch.zeros(self.shape, dtype=self.vals.dtype, device=self.vals.device).scatter_(-1, index, self.vals)
+        dtype = dtype or self.vals.dtype
+        return torch.zeros(self.shape, dtype=dtype, device=self.vals.device).scatter_(-1, index, self.vals.to(dtype))
+
+    def logits(self, query_rows: torch.Tensor) -> torch.Tensor:
+        """A matmul over the T kept channels only: the query's kept channels are gathered."""
+        b, h, m, _ = query_rows.shape
+        idx = self.idx.long().unsqueeze(2).expand(b, h, m, self.fixed_t)
+        return reference_logits(query_rows.gather(-1, idx), self.vals)
+
+    def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
+        return reference_weighted_sum(probs, self.dense(torch.float32))
+
+    def kept_per_row(self) -> torch.Tensor:
+        b, h, s, _ = self.shape
+        return torch.full((b, h, s), self.fixed_t, dtype=torch.int64, device=self.vals.device)
+
+    def kernel_keys(self, query_rows: torch.Tensor | None):
+        """Dense keys over the T kept channels; the query rows keep the same channels."""
+        if query_rows is None:
+            return None, self.vals
+        b, h, m, _ = query_rows.shape
+        return query_rows.gather(-1, self.idx.long().unsqueeze(2).expand(b, h, m, self.fixed_t)), self.vals
+
+    def kernel_values(self):
+        return self.dense()
 
     def index_batch(self, index: torch.Tensor) -> "ColumnPackedTensor":
         index = index.to(self.vals.device)

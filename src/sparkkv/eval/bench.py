@@ -34,7 +34,7 @@ def prefilled_layer(config: SparKConfig, keys, values, window_queries, scaling):
     """One `SparKLayer` holding `keys`/`values` compressed per `config` with these window queries."""
     layer = SparKLayer(config, layer_idx=0)
     layer.update(keys, values)
-    layer.compress_prefill(PrefillInputs(keys, values, window_queries, None, None, scaling, None))
+    layer.compress_prefill(PrefillInputs(keys, values, window_queries, None, None, scaling))
     return layer
 
 

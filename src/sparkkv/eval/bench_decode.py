@@ -13,8 +13,9 @@ import torch
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..attention import grouped_attention
+from .. import ops
 from ..config import SparKConfig
+from ..packed import DenseChunk
 from .bench import AttentionStub as _AttentionStub
 from .bench import prefilled_layer as _prefilled_layer
 

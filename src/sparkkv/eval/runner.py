@@ -61,14 +61,14 @@ def dense_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * heads * head_dim * element
 
 
-def _capture_rows(configs: Iterable[SparKConfig | None], prompt_len: int) -> int:
-    """How many last prompt queries the capture must keep.
-
-    NOTE: every prompt row is kept (not only max(window_size, eviction_window)): SnapKV scoring in
-    `eviction.snapkv_scores` takes the prompt length from the recorded queries, so a capture with
-    fewer rows than the prompt fails there. The memory cost is one layer-set of queries.
-    """
-    return max(prompt_len, 1)
+def _capture_rows(configs: Iterable[SparKConfig | None]) -> int:
+    """How many last prompt queries the capture must keep: the largest observation window any
+    configuration reads (`window_size`, and `eviction_window` when it evicts)."""
+    rows = 1
+    for config in configs:
+        if config is not None:
+            rows = max(rows, config.window_size, config.eviction_window if config.eviction else 1)
+    return rows
 
 
 def batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
@@ -104,7 +104,7 @@ def run_batch(
     ids = torch.tensor([s.input_ids for s in batch], device=device)
     b, prompt_len = ids.shape
     start = time.perf_counter()
-    capture = PrefillCapture(max_queries=_capture_rows(configs.values(), prompt_len))
+    capture = PrefillCapture(max_queries=_capture_rows(configs.values()))
     # logits of the last prompt position only: the full [B, S, vocab] tensor would cost more memory
     # (and lm_head time) than the rest of the prefill
     first_logits = model(ids, logits_to_keep=1, **{CACHE_KWARG: capture}).logits[:, -1].float()

@@ -55,6 +55,49 @@ def load():
     return _module
 
 
+def unavailable_reason() -> str | None:
+    """None when the extension is built and usable here, else why not."""
+    if os.environ.get("SPARKKV_CPU_KERNEL", "1") == "0":
+        return "disabled by SPARKKV_CPU_KERNEL=0"
+    return None if load() is not None else "the C++ extension could not be built (see the warning logged)"
+
+
+def can_serve(keys, values) -> str | None:
+    """None when `decode_partials` handles this (keys, values) pair, else the reason."""
+    if isinstance(keys, PackedTensor) and keys.fill is not None:
+        return "sampled recoveries store explicit per-entry key values"
+    if isinstance(values, PackedTensor) and values.fill is not None:
+        return "sampled recoveries store explicit per-entry values"
+    if not isinstance(keys, (PackedTensor, torch.Tensor)) or not isinstance(values, (PackedTensor, torch.Tensor)):
+        return f"no kernel reads {type(keys).__name__} keys with {type(values).__name__} values"
+    device = keys.vals.device if isinstance(keys, PackedTensor) else keys.device
+    if device.type != "cpu":
+        return "tensors are not on the CPU"
+    return None
+
+
+def decode_partials(query_rows, keys, values, scaling, bias=None):
+    """Online-softmax partials `(m, l, acc)` of `query_rows [B, H, M, D]` over one chunk pair
+    (see `sparkkv.ops`): fused logits for packed keys, then softmax and P.V in PyTorch."""
+    if isinstance(keys, PackedTensor):
+        logits = packed_qk(query_rows, keys)
+    elif isinstance(keys, torch.Tensor):
+        logits = torch.matmul(query_rows.float(), keys.float().transpose(-1, -2))
+    else:
+        logits = keys.logits(query_rows)
+    logits = logits.mul_(scaling)
+    if bias is not None:
+        logits = logits + bias.unsqueeze(2)
+    m = logits.amax(dim=-1)
+    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    p = torch.exp(logits - m_safe.unsqueeze(-1))
+    if isinstance(values, torch.Tensor):
+        acc = torch.matmul(p, values.float())
+    else:
+        acc = values.weighted_sum(p)
+    return m.unsqueeze(2), p.sum(-1).unsqueeze(2), acc.unsqueeze(2)
+
+
 def supports(packed: PackedTensor) -> bool:
     """Whether the kernel handles this packed tensor (CPU, no explicit fill; fixed or variable T)."""
     return packed.vals.device.type == "cpu" and packed.fill is None

@@ -98,6 +98,24 @@ def supports(packed: PackedTensor, values: torch.Tensor) -> bool:
     return triton is not None and packed.fixed_t is not None and packed.fill is None and pow2(d) and pow2(dv)
 
 
+def can_serve(keys, values) -> str | None:
+    """None when `decode_partials` handles this (keys, values) pair, else the reason."""
+    if not isinstance(keys, PackedTensor):
+        return "the Triton kernel reads SparK-packed keys only"
+    if not isinstance(values, torch.Tensor):
+        return "the Triton kernel reads dense values only"
+    if not supports(keys, values):
+        return "the Triton kernel needs fixed T, no explicit fill, and power-of-two head dims >= 16"
+    return None
+
+
+def decode_partials(query_rows, keys, values, scaling, bias=None):
+    """Online-softmax partials over one (packed keys, dense values) pair; `bias [B, 1 or H, S]`."""
+    if bias is not None:
+        bias = bias.expand(query_rows.shape[0], query_rows.shape[1], -1)
+    return packed_decode_partials(query_rows, keys, values, scaling, bias)
+
+
 def packed_decode_partials(
     query_rows: torch.Tensor,
     packed: PackedTensor,
