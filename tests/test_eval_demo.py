@@ -8,7 +8,7 @@ from sparkkv.eval import demo
 
 def test_demo_configurations_cover_the_methods():
     names = ["dense" if c is None else c.name for c in demo.demo_configs()]
-    assert names == ["dense", "snapkv+none b0.5", "snapkv+spark k0.8 b0.5", "snapkv+think k0.8 b0.5", "spark k0.8", "think k0.8"]
+    assert names == ["dense", "snapkv+none b0.75", "snapkv+spark k0.8 b0.75", "snapkv+think k0.8 b0.75", "spark k0.8", "think k0.8"]
 
 
 def test_demo_falls_back_to_the_testbed_in_one_line(monkeypatch, tmp_path):
