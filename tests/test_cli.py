@@ -265,3 +265,21 @@ def test_generate_chat_on_the_real_model(capsys):
     # SnapKV keeps a 64-token window: a shorter prompt is a usage error, found once the prompt is tokenized
     code, out, err = run(argv + ["--method", "snapkv+spark", "--budget", "0.9"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--budget" in err and "prompt is" in err
+
+
+def test_eval_end_to_end_on_the_real_model(capsys, tmp_path):
+    from conftest import ROOT
+    from realmodel import smollm2
+
+    smollm2()  # fetched once per session (skips if impossible)
+    out = tmp_path / "real"
+    code, stdout, err = run(["eval", "--tasks", "niah_single_1", "longbench/hotpotqa", "--longbench",
+                             str(ROOT / "tests" / "fixtures" / "longbench"), "--lengths", "300", "--n", "2",
+                             "--methods", "dense", "spark", "think", "--ratios", "0.5", "--max-new-tokens", "10",
+                             "--out", str(out)], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 3 and {r["model"] for r in records} == {"smollm2-135m"}
+    dense = next(r for r in records if r["method"] == "dense" and r["task"] == "niah_single_1")
+    assert dense["score"] == 1.0 and dense["dense_bytes_per_token"] == 46080 == dense["kv_bytes_per_token"]
+    assert all(0 <= r["score"] <= 1 for r in records)
