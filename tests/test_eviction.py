@@ -199,7 +199,7 @@ def test_layer_stats(seed):
 
 def test_spark_error_well_below_think_at_high_ratio(seed):
     """At equal token budget and ratio 0.8, SparK adds far less error on top of SnapKV than ThinK."""
-    from sparkkv.evaluation import compare_decode
+    from sparkkv.eval.compare import compare_decode
 
     spark, _ = build_pair("llama", seed=seed, initializer_range=0.02, head_dim=128, num_attention_heads=8,
                           num_key_value_heads=2, hidden_size=256)

@@ -7,7 +7,7 @@ import torch
 
 from conftest import SHARED_DATA
 from sparkkv import SparKConfig
-from sparkkv.evaluation import perplexity
+from sparkkv.eval.compare import perplexity
 
 CKPT = SHARED_DATA / "stories260K"
 TEXT = SHARED_DATA / "text" / "tinystories_sample.txt"

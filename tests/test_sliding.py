@@ -23,6 +23,8 @@ def run_both(spark, dense, cache, dyn, ids, steps, crop=0, each_step=None):
     """Prefill, `steps` greedy steps (dense model's tokens fed to both), optional crop and 4 more
     steps; `each_step()` runs after every forward. Returns the relative logit error at every step."""
     errors = []
+    if not hasattr(dyn, "activate_past_recording"):
+        crop = 0  # transformers < 5.24: DynamicCache's sliding layers cannot crop past their window
     with torch.no_grad():
         a = spark(ids, past_key_values=cache).logits[:, -1]
         b = dense(ids, past_key_values=dyn).logits[:, -1]

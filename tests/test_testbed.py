@@ -259,23 +259,25 @@ def test_shipped_model_retrieves_by_key(task):
 
 
 @pytest.mark.skipif(not HAS_MODEL, reason=f"no trained model in {testbed.MODEL_DIR} (run python -m sparkkv.testbed.train)")
-def test_accuracy_rows_and_table():
-    import sparkkv  # noqa: F401  (registers the attention function)
-    from sparkkv.accuracy import accuracy_rows, default_configs, pivot
+def test_accuracy_rows_and_table(tmp_path):
+    from sparkkv.eval.experiment import GridSpec, run_grid
+    from sparkkv.eval.grid import build_grid
+    from sparkkv.eval.records import Store
+    from sparkkv.eval.report import pivot
 
-    model, tok = testbed.load_model(attn_implementation="sparkkv")
-    configs = default_configs(0.25, ratios=(0.8,))
-    rows = accuracy_rows(model, tok, configs, ["passkey"], n=2, context_tokens=256, seed=5)
+    model, tok = testbed.load_model()
+    configs = build_grid(["dense", "snapkv", "snapkv+think", "snapkv+spark"], [0.8], [0.25])
+    rows = run_grid(GridSpec("testbed", ["passkey"], [256], 2, configs, seed=5), model, tok, Store(tmp_path))
     assert len(rows) == 4 and rows[0]["method"] == "dense"
     assert [r["config"]["method"] for r in rows[1:]] == ["snapkv", "snapkv+think", "snapkv+spark"]
     by = {r["method"]: r for r in rows}
     dense = rows[0]
-    assert dense["vs_dense"] == 1.0 and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert dense["kv_vs_dense"] == 1.0 and all(0 <= r["score"] <= 1 for r in rows)
     # eviction to 25% of the prompt and channel pruning really shrink what the cache holds
-    assert all(r["vs_dense"] < 0.4 for r in rows[1:]), by
+    assert all(r["kv_vs_dense"] < 0.4 for r in rows[1:]), by
     assert rows[3]["kv_bytes_per_token"] < rows[1]["kv_bytes_per_token"]
     table = pivot(rows)
-    assert table.count("\n") == 3 and "passkey" in table and "KV bytes/token" in table
+    assert table.count("\n") == 5 and "passkey" in table and "KV bytes/token" in table
 
 
 @pytest.mark.skipif(not HAS_MODEL, reason=f"no trained model in {testbed.MODEL_DIR} (run python -m sparkkv.testbed.train)")

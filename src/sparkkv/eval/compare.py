@@ -1,14 +1,17 @@
-"""Measure what a compression configuration does, side by side with the dense cache.
+"""Teacher-forced comparison of cache configurations against the dense cache, and perplexity.
 
-Both helpers run one model loaded with `attn_implementation="sparkkv"`: given a
-`DynamicCache` it is plain SDPA (the dense reference), given a `SparKCache` it compresses.
+Both run one model loaded with `attn_implementation="sparkkv"`: given a dense cache it is plain
+SDPA (the reference), given a `SparKCache` it compresses.
 
     compare_decode(model, prompt_ids, continuation_ids, configs)
         prefill the prompt, then teacher-force the continuation one token at a time; per
         configuration: bytes the cache holds, bytes per token, relative error of every
         layer's attention output and of the logits against dense, top-1 agreement.
     perplexity(model, input_ids, config, prefill_tokens)
-        NLL of the tokens after `prefill_tokens`, decoded one at a time over the cache.
+        NLL of the tokens after `prefill_tokens`, decoded one at a time over the cache (the
+        runner's implementation, `sparkkv.eval.runner`, for one sequence).
+    random_model(seed, dtype, layers)
+        a random-weight Llama-geometry model (head_dim 128, GQA group 4) for the benchmarks.
 """
 
 from __future__ import annotations
@@ -17,26 +20,36 @@ import math
 from contextlib import contextmanager
 
 import torch
-from transformers import DynamicCache
 
-from .cache import SparKCache
-from .config import SparKConfig
-
-
-def make_cache(model, config: SparKConfig | None):
-    """`DynamicCache` for None or method "dense", else a `SparKCache`."""
-    if config is None or config.channel_policy == "dense":
-        return DynamicCache(config=model.config)
-    return SparKCache(config)
+from .. import CACHE_KWARG
+from ..cache import SparKCache
+from ..config import SparKConfig
+from .runner import run_batch
+from .samples import Sample
 
 
-def cache_nbytes(cache) -> int:
-    """Bytes the cache's tensors hold (storages counted once)."""
-    if isinstance(cache, SparKCache):
-        return cache.nbytes
-    from .packed import storage_nbytes
+def make_cache(config: SparKConfig | None) -> SparKCache:
+    """A fresh cache: dense for None or method "dense", else compressed per `config`."""
+    return SparKCache(config or SparKConfig(method="dense"))
 
-    return storage_nbytes(*[t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None])
+
+def random_model(seed: int = 0, dtype=torch.bfloat16, layers: int = 2):
+    """A small Llama-geometry model: 8 query heads, 2 kv heads (GQA 4), head_dim 128."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        vocab_size=1024,
+        max_position_embeddings=8192,
+        initializer_range=0.02,  # the transformers default
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sparkkv", dtype=dtype).eval()
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -66,14 +79,14 @@ def _run(model, cache, prompt_ids, continuation_ids, attention_mask=None):
     """Prefill + one-token-at-a-time teacher forcing. Returns (per-step logits, per-step attention outputs, bytes)."""
     logits, attn = [], []
     with capture_attention_outputs(model) as outs:
-        out = model(prompt_ids, past_key_values=cache, attention_mask=attention_mask)
-        prefill_bytes = cache_nbytes(cache)
+        out = model(prompt_ids, attention_mask=attention_mask, **{CACHE_KWARG: cache})
+        prefill_bytes = cache.nbytes
         logits.append(out.logits[:, -1].float())
         outs.clear()
         for i in range(continuation_ids.shape[1]):
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-            out = model(continuation_ids[:, i : i + 1], past_key_values=cache, attention_mask=attention_mask)
+            out = model(continuation_ids[:, i : i + 1], attention_mask=attention_mask, **{CACHE_KWARG: cache})
             logits.append(out.logits[:, -1].float())
             attn.append(list(outs))
             outs.clear()
@@ -95,9 +108,9 @@ def compare_decode(
     """
     runs = {}
     prompt_len = prompt_ids.shape[1]
-    ref_logits, ref_attn, _ = runs["dense"] = _run(model, make_cache(model, None), prompt_ids, continuation_ids)
+    runs["dense"] = _run(model, make_cache(None), prompt_ids, continuation_ids)
     if base is not None:
-        runs["base"] = _run(model, make_cache(model, base), prompt_ids, continuation_ids)
+        runs["base"] = _run(model, make_cache(base), prompt_ids, continuation_ids)
 
     def errors(logits, attn, against):
         ref_l, ref_a, _ = against
@@ -109,7 +122,7 @@ def compare_decode(
 
     rows = []
     for config in configs:
-        logits, attn, prefill_bytes = _run(model, make_cache(model, config), prompt_ids, continuation_ids)
+        logits, attn, prefill_bytes = _run(model, make_cache(config), prompt_ids, continuation_ids)
         attn_err, logit_err, top1 = errors(logits, attn, runs["dense"])
         row = {
             "method": "dense" if config is None else config.name,
@@ -125,7 +138,6 @@ def compare_decode(
     return rows
 
 
-@torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, config: SparKConfig | None, prefill_tokens: int) -> dict:
     """NLL of `input_ids[:, prefill_tokens:]` given everything before it, with the prompt
     `input_ids[:, :prefill_tokens]` prefilled into a fresh cache (compressed per `config`) and the
@@ -135,13 +147,9 @@ def perplexity(model, input_ids: torch.Tensor, config: SparKConfig | None, prefi
     n = input_ids.shape[1]
     if not 1 <= prefill_tokens < n:
         raise ValueError(f"prefill_tokens must be in [1, {n - 1}] for a {n}-token sequence, got {prefill_tokens}")
-    cache = make_cache(model, config)
-    logits = model(input_ids[:, :prefill_tokens], past_key_values=cache).logits[:, -1]
-    nll = 0.0
-    for i in range(prefill_tokens, n):
-        target = input_ids[0, i]
-        nll -= torch.log_softmax(logits.float(), dim=-1)[0, target].item()
-        if i + 1 < n:
-            logits = model(input_ids[:, i : i + 1], past_key_values=cache).logits[:, -1]
-    tokens = n - prefill_tokens
+    ids = input_ids[0].tolist()
+    sample = Sample("perplexity", 0, ids[:prefill_tokens], metric="perplexity", target_ids=ids[prefill_tokens:])
+    results = []
+    run_batch(model, None, [sample], {"config": config}, lambda _label, result: results.append(result))
+    nll, tokens = results[0].nll, results[0].tokens
     return {"nll_sum": nll, "tokens": tokens, "ppl": math.exp(nll / tokens)}

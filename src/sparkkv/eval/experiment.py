@@ -1,0 +1,127 @@
+"""One evaluation grid, end to end: tasks x lengths x configurations on one model, resumable.
+
+    spec = GridSpec(model="smollm2-135m", tasks=["niah_single_2"], lengths=[2048], n=50,
+                    configs=build_grid(["dense", "snapkv+spark"], [0.8], [256]))
+    records = run_grid(spec, model, tokenizer, Store(out_dir))
+
+For every (task, length) the samples are generated once, grouped in batches of equal length, and
+each batch is prefilled once for all configurations (`runner.run_batch`). Per-sample results are
+appended to the store as they finish and a cell's record as soon as all its samples are in, so an
+interrupted run resumes where it stopped and a rerun skips finished cells.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+from .. import __version__
+from ..config import SparKConfig
+from . import runner, tasks
+from .grid import label, series
+from .records import Store, cell_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GridSpec:
+    model: str
+    tasks: list[str]
+    lengths: list[int]
+    n: int
+    configs: list[SparKConfig | None]
+    seed: int = 0
+    batch_size: int = 4
+    max_new_tokens: int | None = None  # overrides every task's own generation budget
+    inputs: tasks.TaskInputs = field(default_factory=tasks.TaskInputs)
+
+    def identity(self, task: str, length: int, config: SparKConfig | None) -> dict:
+        needed = tasks.needed_input(task)
+        return {
+            "model": self.model,
+            "task": task,
+            "length": length,
+            "n": self.n,
+            "seed": self.seed,
+            "config": None if config is None else config.to_dict(),
+            "max_new_tokens": self.max_new_tokens,
+            "input": None if needed is None else str(getattr(self.inputs, needed)),
+            "ppl_tokens": self.inputs.ppl_tokens if task == "perplexity" else None,
+        }
+
+
+def pending_units(spec: GridSpec, store: Store) -> int:
+    """(cell, sample) pairs still to compute."""
+    total = 0
+    for task in spec.tasks:
+        for length in spec.lengths:
+            for config in spec.configs:
+                key = cell_key(spec.identity(task, length, config))
+                if not store.finished(key):
+                    total += sum(not store.sample_done(key, i) for i in range(spec.n))
+    return total
+
+
+def run_grid(spec: GridSpec, model, tokenizer, store: Store, progress=None) -> list[dict]:
+    """Compute every unfinished cell of `spec`; returns the grid's records (old and new).
+
+    `model` and `tokenizer` are used only if a cell is unfinished (None is fine otherwise)."""
+    for task in spec.tasks:
+        for length in spec.lengths:
+            cells = {label(c): (c, cell_key(spec.identity(task, length, c))) for c in spec.configs}
+            todo = {name: ck for name, ck in cells.items() if not store.finished(ck[1])}
+            if not todo:
+                continue
+            dense_per_token = runner.dense_bytes_per_token(model)
+            samples = tasks.generate(task, tokenizer, length, spec.n, spec.seed, spec.inputs)
+            if spec.max_new_tokens is not None:
+                for s in samples:
+                    s.max_new_tokens = spec.max_new_tokens
+            prefill_seconds = 0.0
+            for batch in runner.batches(samples, spec.batch_size):
+                configs = {
+                    name: config
+                    for name, (config, key) in todo.items()
+                    if not all(store.sample_done(key, s.index) for s in batch)
+                }
+                if not configs:
+                    continue
+
+                def on_result(name: str, result: runner.SampleResult, batch=batch) -> None:
+                    key = todo[name][1]
+                    if store.sample_done(key, result.index):
+                        return
+                    store.add_sample({"key": key, **asdict(result), "method": name, "task": task, "length": length})
+                    if progress is not None:
+                        progress.update(1)
+
+                prefill_seconds += runner.run_batch(model, tokenizer, batch, configs, on_result)
+            for name, (config, key) in todo.items():
+                rows = [store.samples[key][i] for i in range(spec.n)]
+                results = [runner.SampleResult(**{f: row[f] for f in runner.SampleResult.__dataclass_fields__}) for row in rows]
+                summary = runner.aggregate(results)
+                store.add_record(
+                    {
+                        "key": key,
+                        "task": task,
+                        "model": spec.model,
+                        "method": name,
+                        "series": series(config),
+                        "config": None if config is None else config.to_dict(),
+                        "length": length,
+                        "seed": spec.seed,
+                        "metric": samples[0].metric,
+                        **summary,
+                        "dense_bytes_per_token": dense_per_token,
+                        "kv_vs_dense": summary["kv_bytes_per_token"] / dense_per_token,
+                        "prefill_seconds": prefill_seconds,
+                        "max_new_tokens": spec.max_new_tokens,
+                        "version": __version__,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    }
+                )
+                log.info("%s @%d %s: %.4f", task, length, name, summary["score"])
+    keys = {cell_key(spec.identity(t, length, c)) for t in spec.tasks for length in spec.lengths for c in spec.configs}
+    return [r for r in store.records if r["key"] in keys]
