@@ -80,7 +80,7 @@ def test_decode_matches_float64(seed, path, values_kind, keys_kind, dtype):
 @pytest.mark.parametrize("g", [1, 4, 8])
 @pytest.mark.parametrize("s", [1, 77, 1000])
 def test_decode_shapes(seed, path, d, dv, g, s):
-    """Head dims 64/128, an odd multiple of 8 (40: the scalar path inside the native build) and
+    """Head dims 64/128, an odd multiple of 8 (packed 40: the scalar path inside the native build) and
     Dv != D; GQA groups 1/4/8; lengths inside one block, across blocks, across splits."""
     b, h = 2, 2
     keys = make_keys("mean", b, h, s, d, torch.bfloat16, g)
@@ -221,7 +221,7 @@ def test_packed_qk_matches_float64(seed, path, dtype, d, recovery):
         assert rel(got, ref_logits(q, packed)) < 1e-5
         # bf16 query rows meet bf16 keys in bf16 dot products: exact products, fill rounded to bf16
         qb = q.to(dtype) if dtype == torch.bfloat16 else q
-        # (head dims that are not a multiple of 16 take the scalar path, which keeps float32 fills)
+        # (packed keys whose head dim is not a multiple of 16 take the scalar path: float32 fills)
         round_fill = path == "auto" and dtype == torch.bfloat16 and d % 16 == 0 and cpu.load().has_bf16_dot()
         assert rel(cpu.packed_qk(qb, packed, path=path), ref_logits(qb, packed, round_fill)) < 1e-5
 

@@ -729,9 +729,9 @@ void rebuild_tile_f32(const Operand& V, const FillState& f, int64_t row0, int n,
 // float32 FMAs over 16-channel chunks: acc [M4][Dv16] += P^T V for value rows `rows` (dtype DT,
 // Dv channels, row stride `stride` elements), P from LT [M4/4][kBlock][4]; Dv16 is Dv rounded up
 // to 16. kTail (Dv % 16 != 0): the last chunk is read with masked loads, its lanes past Dv stay 0.
-// A separate instance rather than a tail step after the loop: every form of that measured 5%
-// slower on whole chunks (K80 + V80, float32 path, M = 1: 51.2 -> 53.9 ns per token-head,
-// `cpu_decode_bench 256 1 1500 1`).
+// A separate instance rather than a tail step after the loop: the three such forms tried (inline,
+// never-inlined, chunk helper) all measured 5% slower on whole chunks (K80 + V80, float32 path,
+// M = 1: 51.2 -> 53.9 ns per token-head, `cpu_decode_bench 256 1 1500 1`).
 template <int DT, int MG, bool kTail>
 void pv_f32(const void* rows, int64_t stride, int n, const float* LT, int64_t m0, const float* alpha, int64_t Dv,
             int64_t Dv16, float* acc) {
@@ -1218,6 +1218,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_qk", &packed_qk, "logits of query rows against packed or dense keys");
   m.def("has_avx512_path", &has_avx512_path, "whether the AVX-512 paths were compiled in");
   m.def("has_bf16_dot", &has_bf16_dot, "whether the AVX512_BF16 dot-product stages were compiled in");
-  m.def("avx512_serves", &avx512_serves, "whether the AVX-512 paths serve head dims (D, Dv) with keys / values packed or dense");
+  m.def("avx512_serves", &avx512_serves,
+        "whether the AVX-512 paths serve head dims (D, Dv) with keys / values packed or dense");
 }
 #endif  // SPARKKV_STANDALONE
