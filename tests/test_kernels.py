@@ -80,7 +80,7 @@ def test_decode_matches_float64(seed, path, values_kind, keys_kind, dtype):
 @pytest.mark.parametrize("g", [1, 4, 8])
 @pytest.mark.parametrize("s", [1, 77, 1000])
 def test_decode_shapes(seed, path, d, dv, g, s):
-    """Head dims 64/128, an odd multiple of 8 (40: the scalar path inside the native build) and
+    """Head dims 64/128, an odd multiple of 8 (packed 40: the scalar path inside the native build) and
     Dv != D; GQA groups 1/4/8; lengths inside one block, across blocks, across splits."""
     b, h = 2, 2
     keys = make_keys("mean", b, h, s, d, torch.bfloat16, g)
@@ -123,6 +123,29 @@ def test_decode_bias_and_masked_split(seed, path, bias_heads):
     bias[1] = float("-inf")  # every token of batch 1 masked: its rows come out as zeros
     m, l, acc = cpu.decode_partials(q, keys, values, d**-0.5, bias, 3, path=path)
     assert torch.isinf(m[1]).all() and (l[1] == 0).all() and (merge_partials([(m, l, acc)])[1] == 0).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("d, dv", [(1, 1), (7, 7), (26, 128), (40, 100), (100, 33), (26, 64)])
+@pytest.mark.parametrize("g", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_dense_any_head_dim(seed, path, d, dv, g, dtype):
+    """Dense keys (ThinK hands the kernel its T kept channels, e.g. 26 of 128) and dense values
+    whose head dims are not multiples of 16: the AVX-512 paths read the last partial chunk with
+    masked loads. (26, 64) pairs such keys with packed values. Odd lengths, -inf bias entries."""
+    b, h, s = 2, 2, 77
+    keys = make_keys("dense", b, h, s, d, dtype)
+    values = make_values("0.5" if dv == 64 else "dense", b, h, s, dv, dtype)
+    q = torch.randn(b, h, g, d).to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    # one token, one block plus one, several blocks; the bias shared by the heads or per head
+    for length, bias_heads in ((1, 1), (33, h), (s, 1)):
+        bias = torch.randn(b, bias_heads, length)
+        bias[torch.rand(bias.shape) < 0.3] = float("-inf")
+        bias[..., length // 2] = 0.0  # no fully masked row (test_decode_bias_and_masked_split has them)
+        k = keys[:, :, :length].contiguous()
+        v = (values.slice_seq(0, length) if isinstance(values, PackedTensor) else values[:, :, :length].contiguous())
+        for splits in (1, 3):
+            check(q, k, v, bias=bias, splits=splits, path=path)
 
 
 def test_partials_merge_with_other_chunks(seed):
@@ -198,9 +221,39 @@ def test_packed_qk_matches_float64(seed, path, dtype, d, recovery):
         assert rel(got, ref_logits(q, packed)) < 1e-5
         # bf16 query rows meet bf16 keys in bf16 dot products: exact products, fill rounded to bf16
         qb = q.to(dtype) if dtype == torch.bfloat16 else q
-        # (head dims that are not a multiple of 16 take the scalar path, which keeps float32 fills)
+        # (packed keys whose head dim is not a multiple of 16 take the scalar path: float32 fills)
         round_fill = path == "auto" and dtype == torch.bfloat16 and d % 16 == 0 and cpu.load().has_bf16_dot()
         assert rel(cpu.packed_qk(qb, packed, path=path), ref_logits(qb, packed, round_fill)) < 1e-5
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [1, 7, 26, 40, 100])
+def test_packed_qk_dense_any_head_dim(seed, path, dtype, d):
+    """Logits against dense keys whose head dim is not a multiple of 16 (masked last chunk)."""
+    b, h, s = 2, 3, 45
+    keys = (torch.randn(b, h, s, d) * 2).to(dtype)
+    for m in (1, 4, 7):
+        q = torch.randn(b, h, m, d)
+        # float32 rows: float32 FMAs; bf16 rows against bf16 keys: bf16 dot products on "auto"
+        for q in (q, q.bfloat16()) if dtype == torch.bfloat16 else (q,):
+            got = cpu.packed_qk(q, keys, path=path)
+            assert got.dtype == torch.float32 and got.shape == (b, h, m, s)
+            # products of stored values are exact in float32 and bf16 dot products alike
+            assert rel(got, q.double() @ keys.double().transpose(-1, -2)) < 1e-5
+
+
+def test_avx512_serves_dense_head_dims():
+    """Which head dims the AVX-512 paths take: dense operands any D <= 256, packed ones D % 16 == 0."""
+    module = cpu.load()
+    native = module.has_avx512_path()
+    for d in (1, 7, 26, 40, 100, 128, 256):
+        assert module.avx512_serves(d, d, False, False) == native
+        assert module.avx512_serves(d, 128, False, True) == native  # packed values of a multiple of 16
+        assert module.avx512_serves(d, d, True, False) == (native and d % 16 == 0)
+        assert module.avx512_serves(128, d, False, True) == (native and d % 16 == 0)
+    assert not module.avx512_serves(264, 128, False, False)  # query/key rows kept in at most 16 registers
+    assert not cpu.load(portable=True).avx512_serves(26, 128, False, False)
 
 
 @pytest.mark.parametrize("selection", ["top_p", "grouped"])
