@@ -34,17 +34,20 @@ def window_query_norm(
 
     The query vectors of a GQA group are averaged first (not their norms), then the L2 norm
     over the window is taken per channel. `window_mask [B, W]` (bool) drops padded queries.
+    Pooled in float64 (float32 on MPS, which has none): the group mean can cancel, and a small
+    norm sets a large recovered value (`1/sqrt(qn)`); the tensor is tiny, so this costs nothing.
     """
     if window_queries.dim() != 4:
         raise ValueError(f"window_queries must be [B, Hq, W, D], got shape {tuple(window_queries.shape)}")
     b, hq, w, d = window_queries.shape
     if num_kv_heads < 1 or hq % num_kv_heads:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({num_kv_heads})")
-    pooled = window_queries.float().reshape(b, num_kv_heads, hq // num_kv_heads, w, d).mean(dim=2)
+    wide = torch.float32 if window_queries.device.type == "mps" else torch.float64
+    pooled = window_queries.to(wide).reshape(b, num_kv_heads, hq // num_kv_heads, w, d).mean(dim=2)
     if window_mask is not None:  # where(), not a product: a dropped row may hold NaN/inf
         keep = window_mask.to(pooled.device, torch.bool).reshape(b, 1, w, 1)
         pooled = torch.where(keep, pooled, torch.zeros_like(pooled))
-    return pooled.norm(dim=2)
+    return pooled.norm(dim=2).float()
 
 
 def saliency(keys: torch.Tensor, qn: torch.Tensor, form: str = "squared") -> torch.Tensor:
