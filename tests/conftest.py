@@ -17,7 +17,9 @@ import sparkkv  # noqa: E402,F401  (registers the "sparkkv" attention)
 TEST_BACKEND = os.environ.get("SPARKKV_TEST_BACKEND")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# Optional real data (essays, WikiText-2, a tiny checkpoint): SPARKKV_DATA, else a data folder beside
+# the checkout; the tests that read it skip when it is absent.
+SHARED_DATA = Path(os.environ.get("SPARKKV_DATA", ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture

@@ -281,11 +281,11 @@ def test_accuracy_rows_and_table(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_MODEL, reason=f"no trained model in {testbed.MODEL_DIR} (run python -m sparkkv.testbed.train)")
-def test_readme_testbed_example_runs():
+def test_docs_testbed_example_runs():
     from conftest import ROOT
 
-    block = (ROOT / "README.md").read_text().split("## Accuracy on the offline testbed", 1)[1]
+    block = (ROOT / "docs" / "testbed.md").read_text()
     code = re.search(r"```python\n(.*?)\n```", block, re.S).group(1)
     namespace: dict = {}
-    exec(compile(code, "README testbed example", "exec"), namespace)
+    exec(compile(code, "docs/testbed.md example", "exec"), namespace)
     assert namespace["cache"].nbytes > 0

@@ -6,7 +6,7 @@ with transformers, so `attn_implementation="sparkkv"` works in `from_pretrained`
     import sparkkv
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sparkkv")
     cache = sparkkv.SparKCache(sparkkv.SparKConfig(key_prune_ratio=0.8))
-    out = model.generate(**inputs, past_key_values=cache)
+    out = model.generate(**inputs, **{sparkkv.CACHE_KWARG: cache})  # `cache=` on transformers >= 5.24
 """
 
 import transformers

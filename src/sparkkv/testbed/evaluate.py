@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from .. import CACHE_KWARG
+
 from .tasks import TASKS, check_task, generate_samples, score
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,8 @@ def evaluate(
         task, n, context_tokens, seed: forwarded to :func:`sparkkv.testbed.generate_samples`.
         generate_kwargs: extra keyword arguments for ``model.generate``; they override the defaults
             (``do_sample=False``, ``max_new_tokens`` = the answer's token count).
-        cache_factory: called once per sample; its result is passed as ``past_key_values`` so every
+        cache_factory: called once per sample; its result is passed as the model's cache (``cache=`` or
+            ``past_key_values=``, see ``sparkkv.CACHE_KWARG``) so every
             sample starts from a fresh cache object (e.g. a compressed KV cache).
 
     Returns:
@@ -61,7 +64,7 @@ def evaluate(
         }
         kwargs.update(generate_kwargs or {})
         if cache_factory is not None:
-            kwargs["past_key_values"] = cache_factory()
+            kwargs[CACHE_KWARG] = cache_factory()
         out = model.generate(**enc, **kwargs)
         text = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         predictions.append(text)
