@@ -17,8 +17,8 @@ import sparkkv  # noqa: E402,F401  (registers the "sparkkv" attention)
 TEST_BACKEND = os.environ.get("SPARKKV_TEST_BACKEND")
 
 ROOT = Path(__file__).resolve().parents[1]
-# Optional real data (essays, WikiText-2, a tiny checkpoint): SPARKKV_DATA, else a data folder beside
-# the checkout; the tests that read it skip when it is absent.
+# Optional real data (essays, WikiText-2, a tiny checkpoint): the folder SPARKKV_DATA names (the
+# development workspace keeps one beside the checkout, the default); tests that read it skip without it.
 SHARED_DATA = Path(os.environ.get("SPARKKV_DATA", ROOT.parent / "shared" / "data"))
 
 

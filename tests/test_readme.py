@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -20,3 +22,12 @@ def test_quick_start_example_runs():
     exec(compile(code, "README quick start", "exec"), namespace)
     assert namespace["out"].shape[1] == 620
     assert namespace["cache"].nbytes > 0
+
+
+def test_subpackages_named_in_the_readme_load_after_a_plain_import():
+    import sparkkv
+
+    assert callable(sparkkv.models.load) and callable(sparkkv.testbed.load_model)
+    assert sparkkv.eval.__name__ == "sparkkv.eval"
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        sparkkv.no_such_thing  # noqa: B018

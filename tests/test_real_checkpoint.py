@@ -1,4 +1,4 @@
-"""The real stories260K checkpoint from ../shared/data (skipped when the folder is absent)."""
+"""The real stories260K checkpoint from the optional data folder (`SPARKKV_DATA`; skipped when absent)."""
 
 import logging
 
@@ -14,7 +14,7 @@ TEXT = SHARED_DATA / "text" / "tinystories_sample.txt"
 log = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.skipif(not (CKPT / "model.safetensors").exists() or not TEXT.exists(),
-                                reason=f"real checkpoint not found at {CKPT} (../shared/data is optional)")
+                                reason=f"real checkpoint not found at {CKPT} (the SPARKKV_DATA folder is optional)")
 
 
 def corpus_ppl(model, tokenizer, config):

@@ -48,3 +48,15 @@ __all__ = [
     "compress_values",
 ]
 __version__ = "0.1.0"
+
+# The heavier subpackages load on first use, so `import sparkkv` stays light and
+# `sparkkv.models.load(...)` still works after a plain `import sparkkv`.
+_LAZY_SUBPACKAGES = ("eval", "models", "testbed")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,10 @@
 """Result files of an evaluation folder, written as the work finishes so a run can resume.
 
     DIR/records.jsonl   one JSON record per finished cell (task x model x configuration x length x n):
-                        task, model, method, config (every SparKConfig field; null for dense),
-                        length, n, seed, metric, score, kv_bytes_per_token, dense_bytes_per_token,
-                        kv_vs_dense, seconds, prefill_seconds, version, key, finished
+                        task, model, method, series, config (every SparKConfig field; null for
+                        dense), length, n, seed, metric, score, kv_bytes_per_token,
+                        dense_bytes_per_token, kv_vs_dense, seconds, prefill_seconds,
+                        max_new_tokens, version, key, finished (+ nll, scored_tokens: perplexity)
     DIR/samples.jsonl   one line per finished (cell, sample): the per-sample score or NLL, the
                         prediction, bytes; a cell's record is written once all its n samples are in
     DIR/results.csv     the records as a table (rewritten after each cell and by `sparkkv report`)
