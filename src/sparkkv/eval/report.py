@@ -83,52 +83,84 @@ def plot(records: list[dict], folder: Path) -> list[Path]:
         by_task_length[(r["task"], r["length"])].append(r)
     tasks = list(dict.fromkeys(r["task"] for r in records))
 
+    colors = _series_colors(records)
+
     # score vs KV bytes per token, one panel per (task, length), one line per method series
     keys = sorted(by_task_length, key=lambda k: (tasks.index(k[0]), k[1]))
-    cols = min(3, len(keys))
-    rows = (len(keys) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    fig, axes = _panels(plt, len(keys))
     for ax, key in zip(axes.flat, keys):
-        _bytes_panel(ax, by_task_length[key], *key)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.set_visible(False)
-    handles, labels = _legend(axes)
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * ((len(labels) + 3) // 4), 1, 1))
-    paths.append(folder / "score_vs_kv_bytes.png")
-    fig.savefig(paths[-1], dpi=110)
+        _bytes_panel(ax, by_task_length[key], *key, colors)
+    paths.append(_save(fig, axes, len(keys), folder / "score_vs_kv_bytes.png", ncol=4))
     plt.close(fig)
 
-    # score vs context length, one panel per task, one line per configuration
-    lengths = sorted({r["length"] for r in records})
-    if len(lengths) > 1:
-        cols = min(3, len(tasks))
-        rows = (len(tasks) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
-        for ax, task in zip(axes.flat, tasks):
+    # score vs context length: one panel per task measured at several lengths, one line per
+    # configuration; colour = its series (as in the bytes plot), line style = its key ratio,
+    # marker = its token budget (largest first)
+    multi = [t for t in tasks if len({r["length"] for r in records if r["task"] == t}) > 1]
+    lengths = sorted({r["length"] for r in records if r["task"] in multi})
+    budgets = sorted({b for r in records if (b := (r.get("config") or {}).get("token_budget")) is not None}, reverse=True)
+    if multi:
+        fig, axes = _panels(plt, len(multi))
+        for ax, task in zip(axes.flat, multi):
             mine = [r for r in records if r["task"] == task]
             for method in dict.fromkeys(r["method"] for r in mine):
-                pts = sorted((r["length"], r["score"]) for r in mine if r["method"] == method)
-                style = dict(color="black", linestyle="--", linewidth=2) if method == "dense" else {}
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=method, **style)
+                group = [r for r in mine if r["method"] == method]
+                pts = sorted((r["length"], r["score"]) for r in group)
+                name = group[0].get("series") or method
+                if name == "dense":
+                    style = dict(color="black", linestyle="--", linewidth=2, marker="s")
+                else:
+                    config = group[0].get("config") or {}
+                    ratio, budget = config.get("key_prune_ratio", 0.0), config.get("token_budget")
+                    marker = "o" if budget is None else _BUDGET_MARKERS[budgets.index(budget) % len(_BUDGET_MARKERS)]
+                    style = dict(color=colors.get(name), linestyle=_RATIO_STYLES.get(ratio, "-."), marker=marker)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], markersize=4, label=method, **style)
             ax.set_xscale("log", base=2)
             ax.set_xticks(lengths, [str(x) for x in lengths])
             ax.set_xlabel("context length (tokens)")
             _score_axis(ax, task)
             ax.set_title(task, fontsize=10)
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(tasks):]:
-            ax.set_visible(False)
-        handles, labels = _legend(axes)
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7, frameon=False)
-        fig.tight_layout(rect=(0, 0.04 + 0.022 * ((len(labels) + 3) // 4), 1, 1))
-        paths.append(folder / "score_vs_length.png")
-        fig.savefig(paths[-1], dpi=110)
+        paths.append(_save(fig, axes, len(multi), folder / "score_vs_length.png", ncol=3))
         plt.close(fig)
     return paths
 
 
-def _bytes_panel(ax, records: list[dict], task: str, length: int) -> None:
+# line style per key prune ratio in the length plot (other ratios: dash-dot); marker per budget
+_RATIO_STYLES = {0.0: "-", 0.5: "-", 0.8: "--", 0.9: ":"}
+_BUDGET_MARKERS = ("^", "v", "D", "P")
+
+
+def _series_colors(records: list[dict]) -> dict[str, str]:
+    """One colour per method series, the same in every panel and plot (dense is black)."""
+    names = dict.fromkeys(r.get("series") or r["method"] for r in records)
+    names.pop("dense", None)
+    return {name: f"C{i % 10}" for i, name in enumerate(names)}
+
+
+def _panels(plt, count: int):
+    cols = min(3, count)
+    rows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax in list(axes.flat)[count:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _save(fig, axes, count: int, path: Path, ncol: int) -> Path:
+    """Legend below the panels, in a band sized for its rows (so it never covers an axis label)."""
+    handles, labels = _legend(axes)
+    legend_rows = (len(labels) + ncol - 1) // ncol
+    band = 0.25 + 0.17 * legend_rows  # inches
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + band)
+    fig.legend(handles, labels, loc="lower center", ncol=min(ncol, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, band / (height + band), 1, 1))
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _bytes_panel(ax, records: list[dict], task: str, length: int, colors: dict[str, str]) -> None:
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         groups[r.get("series") or r["method"]].append(r)
@@ -138,7 +170,7 @@ def _bytes_panel(ax, records: list[dict], task: str, length: int) -> None:
             ax.axhline(pts[0][1], color="black", linestyle="--", linewidth=1.5, label="dense")
             ax.plot([pts[0][0]], [pts[0][1]], marker="s", color="black")
             continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=name, color=colors.get(name))
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
