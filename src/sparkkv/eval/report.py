@@ -90,7 +90,7 @@ def plot(records: list[dict], folder: Path) -> list[Path]:
     fig, axes = _panels(plt, len(keys))
     for ax, key in zip(axes.flat, keys):
         _bytes_panel(ax, by_task_length[key], *key, colors)
-    paths.append(_save(fig, axes, len(keys), folder / "score_vs_kv_bytes.png", ncol=4))
+    paths.append(_save(fig, axes, folder / "score_vs_kv_bytes.png", ncol=4))
     plt.close(fig)
 
     # score vs context length: one panel per task measured at several lengths, one line per
@@ -121,7 +121,7 @@ def plot(records: list[dict], folder: Path) -> list[Path]:
             _score_axis(ax, task)
             ax.set_title(task, fontsize=10)
             ax.grid(alpha=0.3)
-        paths.append(_save(fig, axes, len(multi), folder / "score_vs_length.png", ncol=3))
+        paths.append(_save(fig, axes, folder / "score_vs_length.png", ncol=3))
         plt.close(fig)
     return paths
 
@@ -147,7 +147,7 @@ def _panels(plt, count: int):
     return fig, axes
 
 
-def _save(fig, axes, count: int, path: Path, ncol: int) -> Path:
+def _save(fig, axes, path: Path, ncol: int) -> Path:
     """Legend below the panels, in a band sized for its rows (so it never covers an axis label)."""
     handles, labels = _legend(axes)
     legend_rows = (len(labels) + ncol - 1) // ncol
