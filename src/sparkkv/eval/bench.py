@@ -14,23 +14,13 @@ head_dim 128) fed random keys/values/queries, through the same `SparKLayer` code
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..cache import PrefillInputs, SparKLayer
 from ..config import SparKConfig
 from .compare import compare_decode, random_model
 from .report import format_table
 
-__all__ = ["AttentionStub", "BYTES_COLUMNS", "bytes_table", "format_table", "methods_configs", "methods_table", "prefilled_layer"]
-
-
-class AttentionStub(nn.Module):
-    """What transformers' SDPA function reads from an attention module."""
-
-    def __init__(self, groups: int):
-        super().__init__()
-        self.num_key_value_groups = groups
-        self.is_causal = True
+__all__ = ["BYTES_COLUMNS", "bytes_table", "format_table", "methods_configs", "methods_table", "prefilled_layer"]
 
 
 def prefilled_layer(config: SparKConfig, keys, values, window_queries, scaling):
@@ -74,9 +64,9 @@ def bytes_table(context: int, kv_heads: int, groups: int, head_dim: int, dtype, 
              "kept_channels": float(head_dim)}]
     for config in configs:
         layer = prefilled_layer(config, keys, values, queries, head_dim**-0.5)
-        key_bytes = sum(t.untyped_storage().nbytes() for c in layer.key_chunks for t in c.tensors())
+        key_bytes = sum(c.nbytes for c in layer.key_chunks)
         total = layer.nbytes
-        kept = sum(int(c.keep_mask().sum()) if hasattr(c, "keep_mask") else c.vals.numel() for c in layer.key_chunks)
+        kept = sum(int(c.kept_per_row().sum()) for c in layer.key_chunks)
         rows.append({"method": config.name, "bytes": total, "per_token_head": total / per, "key_bytes": key_bytes / per,
                      "vs_dense": total / dense, "kept_channels": kept / per})
     return rows

@@ -179,11 +179,6 @@ def packed_qk(query_rows: torch.Tensor, packed, *, path: str = "auto") -> torch.
     return module.packed_qk(_query(query_rows), *_fields(packed), packed.shape[2], path == "portable", path == "auto")
 
 
-def reference_packed_qk(query_rows: torch.Tensor, packed: PackedTensor) -> torch.Tensor:
-    """The plain PyTorch reference of `packed_qk` in float32 (pruned entries unrounded)."""
-    return torch.matmul(query_rows.float(), packed.dense(torch.float32).transpose(-1, -2))
-
-
 # -------------------------------------------------------------------------------------------------
 # benchmark
 # -------------------------------------------------------------------------------------------------
