@@ -183,6 +183,23 @@ def test_layer_kinds_decide_per_config():
     check_model_class(config)
 
 
+def test_fallbacks_for_releases_without_layer_kinds():
+    """transformers 5.0 has no `layer_types` on SSM hybrids and no `expand_kv` in MLA code: the config's
+    `kv_lora_rank` and the decoder's recurrent-state code refuse them there (checked by hand on 5.0.0)."""
+    from transformers import Mamba2ForCausalLM
+
+    from sparkkv.compat import MLA_REASON, _fallback_reason
+
+    config = tiny_config("llama")
+    config.kv_lora_rank = 16  # what DeepSeek-V2/V3 configs carry
+    assert unsupported_reason(config) == MLA_REASON
+    kwargs = dict(batch_size=1, q_length=3, kv_length=3, allow_is_causal_skip=False)
+    with pytest.raises(UnsupportedModelError, match="latent"):
+        sparkkv_mask(config=config, **kwargs)
+    assert "recurrent" in _fallback_reason(Mamba2ForCausalLM, None)
+    assert _fallback_reason(type(AutoModelForCausalLM.from_config(tiny_config("llama"))), tiny_config("llama")) is None
+
+
 def test_mask_hook_refuses_and_otherwise_is_sdpa_mask():
     from transformers.masking_utils import sdpa_mask
 

@@ -28,6 +28,7 @@ these lists (docs/architectures.md is its outcome table).
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from typing import Any
 
@@ -196,6 +197,9 @@ def _resolve(model: Any) -> tuple[type | None, PretrainedConfig | None]:
     )
 
 
+MLA_REASON = "caches latent keys/values (multi-head latent attention) and expands them after reading the cache"
+
+
 def _caches_latents(cls: type) -> bool:
     """Whether the model's code defines an attention module with `expand_kv`: it caches a latent
     (multi-head latent attention, MLA) and expands it into keys/values after reading the cache."""
@@ -214,7 +218,7 @@ def _code_reason(cls: type) -> str | None:
     if package in INCOMPATIBLE_PACKAGES:
         return INCOMPATIBLE_PACKAGES[package]
     if _caches_latents(cls):
-        return "caches latent keys/values (multi-head latent attention) and expands them after reading the cache"
+        return MLA_REASON
     # transformers' own test for "attention goes through AttentionInterface" (it reads the
     # model's source; see PreTrainedModel._can_set_attn_implementation).
     can_set = getattr(cls, "_can_set_attn_implementation", None)
@@ -247,6 +251,33 @@ def _layer_reason(text_config: PretrainedConfig) -> str | None:
     return None
 
 
+# Older releases of the supported range do not name every layer kind in their configs (transformers
+# 5.0: no `layer_types` on Bamba, Jamba, Mamba, Zamba, ...) and keep MLA's latent in code without
+# `expand_kv` (DeepSeek-V2/V3 there: a size mismatch deep in the model instead of a refusal). These
+# fallbacks run after the checks above, so they change no outcome where those already decide.
+# names that only code keeping recurrent (SSM / convolution) state uses, in the modeling module
+RECURRENT_STATE_MARKERS = ("has_previous_state", "ssm_states", "conv_states")
+
+
+@functools.lru_cache(maxsize=None)
+def _keeps_recurrent_state(cls: type | None) -> bool:
+    module = sys.modules.get(cls.__module__) if cls is not None else None
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):  # no source (frozen or compiled module): judged by the other checks
+        return False
+    return any(marker in source for marker in RECURRENT_STATE_MARKERS)
+
+
+def _fallback_reason(decoder: type | None, text_config: PretrainedConfig | None) -> str | None:
+    """MLA by its config (`kv_lora_rank`), recurrent state by the decoder's code (see above)."""
+    if text_config is not None and getattr(text_config, "kv_lora_rank", None):
+        return MLA_REASON
+    if _keeps_recurrent_state(decoder):
+        return "keeps recurrent (state-space or convolution) state in its cache, which only transformers' own cache holds"
+    return None
+
+
 def unsupported_reason(model: Any) -> str | None:
     """Why `model` cannot use a SparKCache, or None when nothing known prevents it.
 
@@ -264,7 +295,8 @@ def unsupported_reason(model: Any) -> str | None:
             config = None
     text = _text_config(config)
     decoder = cls if text is config else _class_for_config(type(text))
-    return _classes_reason(cls, decoder) or (None if text is None else _layer_reason(text))
+    return (_classes_reason(cls, decoder) or (None if text is None else _layer_reason(text))
+            or _fallback_reason(decoder or cls, text))
 
 
 def _text_config(config: PretrainedConfig | None) -> PretrainedConfig | None:
@@ -317,7 +349,8 @@ def sparkkv_mask(*args, config: PretrainedConfig | None = None, **kwargs):
     """
     if config is not None and "allow_is_bidirectional_skip" not in kwargs:  # encoder masks never meet a cache
         text = _text_config(config)
-        reason = _config_class_reason(type(config)) or _layer_reason(text)
+        reason = (_config_class_reason(type(config)) or _layer_reason(text)
+                  or _fallback_reason(_class_for_config(type(text)), text))
         if reason is not None:
             raise UnsupportedModelError(_label(config), reason)
     return sdpa_mask(*args, config=config, **kwargs)
