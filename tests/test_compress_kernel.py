@@ -27,7 +27,12 @@ def test_fused_equals_reference(seed, dtype, d, saliency, recovery):
         assert torch.equal(fused.keep, ref.keep) and torch.equal(fused.vals, ref.vals)
         assert (fused.sign is None) == (ref.sign is None) and (fused.sign is None or torch.equal(fused.sign, ref.sign))
         for a, r in ((fused.scale, ref.scale), (fused.chan, ref.chan)):
-            assert (a is None) == (r is None) and (a is None or (a.dtype == r.dtype and torch.allclose(a.float(), r.float(), rtol=2e-3, atol=1e-6)))
+            assert (a is None) == (r is None)
+            if a is not None:
+                # both sum in float32 in different orders, then round to the stored dtype: a sum near a
+                # rounding boundary may land one ulp apart (bf16: up to 2^-7 relative; seed 1830530134)
+                rtol = max(2e-3, torch.finfo(a.dtype).eps)
+                assert a.dtype == r.dtype and torch.allclose(a.float(), r.float(), rtol=rtol, atol=1e-6)
         if d == 40 and ratio == 0.8:  # the float64 loop reference is slow: one shape per case
             want, _ = ref_recovered_keys(keys[:, :, :20], queries, ratio=ratio, form=saliency, recovery=recovery)
             got = fused.dense(torch.float32).double()[:, :, :20]
