@@ -200,6 +200,26 @@ def test_fallbacks_for_releases_without_layer_kinds():
     assert _fallback_reason(type(AutoModelForCausalLM.from_config(tiny_config("llama"))), tiny_config("llama")) is None
 
 
+def test_attention_refuses_models_that_skip_the_mask_hook(monkeypatch):
+    """Models whose masks do not come from the "sparkkv" mask function (legacy `_update_causal_mask`
+    code in transformers 5.0) are refused by the attention function when a layer first meets the cache."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    from sparkkv.compat import check_config
+
+    config = tiny_config("llama")
+    config.kv_lora_rank = 16
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sparkkv").eval()
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sparkkv", sdpa_mask)  # no hook
+    with pytest.raises(UnsupportedModelError, match="latent"), torch.no_grad():
+        model(torch.randint(3, 100, (1, 5)), past_key_values=SparKCache(SparKConfig()))
+    # a module from a refused package, whatever config it carries (Mllama's text config maps to no class in 5.0)
+    module = type("JetMoeAttention", (torch.nn.Module,), {"__module__": "transformers.models.jetmoe.modeling_jetmoe"})()
+    with pytest.raises(UnsupportedModelError, match=r"JetMoeForCausalLM \(model_type 'jetmoe'\)"):
+        check_config(tiny_config("llama"), module)
+    check_config(tiny_config("llama"), torch.nn.Linear(2, 2))
+
+
 def test_mask_hook_refuses_and_otherwise_is_sdpa_mask():
     from transformers.masking_utils import sdpa_mask
 

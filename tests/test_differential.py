@@ -181,3 +181,40 @@ def test_nonfinite_window_query_does_not_poison_the_cache(seed, config):
     assert torch.isfinite(layer.qn).all()
     layer.update(torch.randn(b, h, 1, d), torch.randn(b, h, 1, d))
     assert torch.isfinite(layer.attend(torch.randn(b, h * g, 1, d), None, d**-0.5)).all()
+
+
+# --- legacy masks ------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [LOSSLESS, SparKConfig(key_prune_ratio=0.5, block_size=4, window_size=8)], ids=["k0", "k0.5"])
+def test_legacy_mask_wider_than_the_keys(seed, config, monkeypatch):
+    """transformers 5.0's legacy `_update_causal_mask` (Persimmon) hands the attention function a mask
+    over absolute positions with one spare column; eager reads the first key-length columns. With
+    that mask the "sparkkv" function gives what it gives with the exact mask, prefill and decode."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    spark, _ = build_pair("llama", seed=seed, head_dim=32, hidden_size=128)
+    lengths = (30, 23)
+    ids = torch.randint(1, 211, (2, 30))
+    mask = (torch.arange(30) >= (30 - torch.tensor(lengths)).unsqueeze(1)).long()  # left padding: a materialized mask
+    steps = torch.randint(1, 211, (5, 2, 1))
+
+    def run():
+        cache, out, m = SparKCache(config), [], mask
+        out.append(forward(spark, ids, cache, m))
+        for tok in steps:
+            m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+            out.append(forward(spark, tok, cache, m))
+        return torch.stack(out)
+
+    want = run()
+    exact = ALL_MASK_ATTENTION_FUNCTIONS["sparkkv"]
+
+    def legacy(*args, **kwargs):
+        out = exact(*args, **kwargs)
+        assert out is not None  # the padded batch materializes every mask
+        return torch.cat([out, torch.zeros_like(out[..., :1])], -1)  # the spare (future) column: masked
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sparkkv", legacy)
+    assert rel(run(), want) < 1e-6
+    # the same mask with a DynamicCache: the function is SDPA over the first key-length columns
+    dyn = DynamicCache(config=spark.config)
+    forward(spark, ids, dyn, mask)

@@ -19,7 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import ops
 from .cache import CacheHandle, PrefillCapture, PrefillInputs
-from .compat import check_attention_call
+from .compat import check_attention_call, check_config
 
 def _prefill_rows(layer, cache) -> int:
     """How many of the last prompt queries compression reads."""
@@ -27,6 +27,16 @@ def _prefill_rows(layer, cache) -> int:
         return cache.max_queries
     config = layer.config
     return max(config.window_size, config.eviction_window if config.eviction else 0)
+
+
+def _first_columns(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The first `length` columns of a mask wider than the keys.
+
+    The legacy `_update_causal_mask` of some models in older releases of the supported range
+    (transformers 5.0: Persimmon) builds masks over absolute positions with one spare column, and
+    their eager attention reads the first key-length columns; SDPA would reject the width.
+    """
+    return mask[..., :length] if mask is not None and mask.shape[-1] > length else mask
 
 
 def sparkkv_attention_forward(
@@ -42,6 +52,7 @@ def sparkkv_attention_forward(
     """The function registered as `"sparkkv"` in transformers' `AttentionInterface`."""
     if not isinstance(key, CacheHandle):
         # No SparK cache: exactly SDPA (training, DynamicCache, no cache).
+        attention_mask = _first_columns(attention_mask, key.shape[-2])
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer, cache = key.layer, key.cache
     sinks = kwargs.pop("s_aux", None)  # attention sinks (GPT-OSS): one logit per query head
@@ -49,17 +60,20 @@ def sparkkv_attention_forward(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if cache is not None and cache.specs is None and hasattr(module, "config"):
+        check_config(module.config, module)  # the mask hook has done this unless the model builds masks without it
         cache.bind(module.config)
     if getattr(module, "layer_idx", layer.layer_idx) != layer.layer_idx:
         # KV sharing (Gemma 3n): this layer reads another layer's keys/values. In the forward
         # that prefilled them, the owner kept the dense prompt on the handle, as DynamicCache
         # returns its full states; afterwards the owner's storage is read without changing it.
         if key.prompt is not None:
-            out, _ = sdpa_attention_forward(module, query, *key.prompt, attention_mask, scaling=scaling, **kwargs)
+            mask = _first_columns(attention_mask, key.prompt[0].shape[-2])
+            out, _ = sdpa_attention_forward(module, query, *key.prompt, mask, scaling=scaling, **kwargs)
             return out, None
-        return layer.attend(query, attention_mask, scaling, sinks, owner=False), None
+        return layer.attend(query, _first_columns(attention_mask, layer.seen), scaling, sinks, owner=False), None
     if layer.needs_prefill:
         keys, values = layer.prompt()
+        attention_mask = _first_columns(attention_mask, keys.shape[-2])
         if sinks is None:
             out, _ = sdpa_attention_forward(module, query, keys, values, attention_mask, scaling=scaling, **kwargs)
         else:  # SDPA has no sinks: the reference path, a block of query rows at a time
@@ -69,4 +83,4 @@ def sparkkv_attention_forward(
             cache.record(layer.layer_idx, inputs)
         layer.compress_prefill(inputs)
         return out, None
-    return layer.attend(query, attention_mask, scaling, sinks), None
+    return layer.attend(query, _first_columns(attention_mask, layer.seen), scaling, sinks), None

@@ -348,9 +348,22 @@ def sparkkv_mask(*args, config: PretrainedConfig | None = None, **kwargs):
     be refused whatever its attention code does with the cache (the class check is memoized).
     """
     if config is not None and "allow_is_bidirectional_skip" not in kwargs:  # encoder masks never meet a cache
-        text = _text_config(config)
-        reason = (_config_class_reason(type(config)) or _layer_reason(text)
-                  or _fallback_reason(_class_for_config(type(text)), text))
-        if reason is not None:
-            raise UnsupportedModelError(_label(config), reason)
+        check_config(config)
     return sdpa_mask(*args, config=config, **kwargs)
+
+
+def check_config(config: PretrainedConfig, module: torch.nn.Module | None = None) -> None:
+    """`check_model_class` for the config a model runs with (its class checks memoized): called by
+    the mask hook, and by the attention function when a layer first meets a SparKCache, with the
+    attention `module` (models that build their mask without the hook, e.g. legacy
+    `_update_causal_mask` code in transformers 5.0). The module's package is judged too: a decoder's
+    text config may map to no model class (Mllama's in 5.0)."""
+    text = _text_config(config)
+    reason = (_config_class_reason(type(config)) or _layer_reason(text)
+              or _fallback_reason(_class_for_config(type(text)), text))
+    if reason is not None:
+        raise UnsupportedModelError(_label(config), reason)
+    package = _package(type(module)) if module is not None else None
+    if package in INCOMPATIBLE_PACKAGES:
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(package, type(module).__name__)
+        raise UnsupportedModelError(f"{name} (model_type {package!r})", INCOMPATIBLE_PACKAGES[package])
