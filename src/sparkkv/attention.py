@@ -55,6 +55,7 @@ def sparkkv_attention_forward(
         attention_mask = _first_columns(attention_mask, key.shape[-2])
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layer, cache = key.layer, key.cache
+    attention_mask = _first_columns(attention_mask, layer.seen)  # every path below reads `seen` tokens
     sinks = kwargs.pop("s_aux", None)  # attention sinks (GPT-OSS): one logit per query head
     check_attention_call(module, query, attention_mask, dropout, kwargs)  # refuse what we do not implement
     if scaling is None:
@@ -67,13 +68,11 @@ def sparkkv_attention_forward(
         # that prefilled them, the owner kept the dense prompt on the handle, as DynamicCache
         # returns its full states; afterwards the owner's storage is read without changing it.
         if key.prompt is not None:
-            mask = _first_columns(attention_mask, key.prompt[0].shape[-2])
-            out, _ = sdpa_attention_forward(module, query, *key.prompt, mask, scaling=scaling, **kwargs)
+            out, _ = sdpa_attention_forward(module, query, *key.prompt, attention_mask, scaling=scaling, **kwargs)
             return out, None
-        return layer.attend(query, _first_columns(attention_mask, layer.seen), scaling, sinks, owner=False), None
+        return layer.attend(query, attention_mask, scaling, sinks, owner=False), None
     if layer.needs_prefill:
         keys, values = layer.prompt()
-        attention_mask = _first_columns(attention_mask, keys.shape[-2])
         if sinks is None:
             out, _ = sdpa_attention_forward(module, query, keys, values, attention_mask, scaling=scaling, **kwargs)
         else:  # SDPA has no sinks: the reference path, a block of query rows at a time
@@ -83,4 +82,4 @@ def sparkkv_attention_forward(
             cache.record(layer.layer_idx, inputs)
         layer.compress_prefill(inputs)
         return out, None
-    return layer.attend(query, _first_columns(attention_mask, layer.seen), scaling, sinks), None
+    return layer.attend(query, attention_mask, scaling, sinks), None

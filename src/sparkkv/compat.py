@@ -363,7 +363,8 @@ def check_config(config: PretrainedConfig, module: torch.nn.Module | None = None
               or _fallback_reason(_class_for_config(type(text)), text))
     if reason is not None:
         raise UnsupportedModelError(_label(config), reason)
-    package = _package(type(module)) if module is not None else None
-    if package in INCOMPATIBLE_PACKAGES:
+    reason = _classes_reason(None, type(module)) if module is not None else None  # the module's own code
+    if reason is not None:
+        package = _package(type(module))
         name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(package, type(module).__name__)
-        raise UnsupportedModelError(f"{name} (model_type {package!r})", INCOMPATIBLE_PACKAGES[package])
+        raise UnsupportedModelError(f"{name} (model_type {package!r})", reason)
