@@ -43,16 +43,13 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(autouse=True)
 def _test_backend(monkeypatch):
-    """Route "auto" to SPARKKV_TEST_BACKEND (attention and, for "torch"/"triton", compression)."""
+    """Route the attention backend "auto" to SPARKKV_TEST_BACKEND (the compression kernel is chosen
+    by device and dtype, not by the attention backend)."""
     if not TEST_BACKEND:
         yield
         return
-    import sparkkv.method as method
     import sparkkv.ops as ops
 
-    resolve = ops.resolve_backend
-    monkeypatch.setattr(ops, "resolve_backend", lambda name, device: resolve(TEST_BACKEND if name == "auto" else name, device))
-    if TEST_BACKEND != "cpu":
-        fused = method._fused_applies
-        monkeypatch.setattr(method, "_fused_applies", lambda keys, config: config.attention_backend == "cpu" and fused(keys, config))
+    backend = ops.backend
+    monkeypatch.setattr(ops, "backend", lambda name, device: backend(TEST_BACKEND if name == "auto" else name, device))
     yield

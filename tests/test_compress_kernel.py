@@ -22,8 +22,8 @@ def test_fused_equals_reference(seed, dtype, d, saliency, recovery):
     queries[:, :g, :, 1] = 0  # a channel no window query uses: qn = 0 -> ties at saliency 0
     for ratio in (0.0, 0.5, 0.8):
         cfg = SparKConfig(key_prune_ratio=ratio, saliency=saliency, recovery=recovery, window_size=9)
-        fused = compress_keys(keys, queries, cfg.replace(attention_backend="cpu"))
-        ref = compress_keys(keys, queries, cfg.replace(attention_backend="torch"))
+        fused = compress_keys(keys, queries, cfg, kernel="cpu")
+        ref = compress_keys(keys, queries, cfg, kernel="torch")
         assert torch.equal(fused.keep, ref.keep) and torch.equal(fused.vals, ref.vals)
         assert (fused.sign is None) == (ref.sign is None) and (fused.sign is None or torch.equal(fused.sign, ref.sign))
         for a, r in ((fused.scale, ref.scale), (fused.chan, ref.chan)):
@@ -46,6 +46,6 @@ def test_nan_key_stays_kept(seed):
     keys = torch.randn(1, 1, 5, 16)
     keys[0, 0, 2, 7] = float("nan")
     qn = window_query_norm(torch.randn(1, 2, 4, 16), 1)
-    packed = _compress_keys(keys, qn, SparKConfig(key_prune_ratio=0.75, attention_backend="cpu"))
+    packed = _compress_keys(keys, qn, SparKConfig(key_prune_ratio=0.75), kernel="cpu")
     assert packed.keep_mask()[0, 0, 2, 7]
     assert torch.isfinite(packed.dense()[0, 0, [0, 1, 3, 4]]).all()

@@ -221,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("bench", help="side-by-side benchmarks: bytes, methods (error vs dense), decode timing, hybrid models")
-    p.add_argument("what", choices=["bytes", "methods", "decode", "hybrid"], help="which benchmark")
+    p.add_argument("what", choices=["bytes", "methods", "decode", "hybrid", "compress"], help="which benchmark")
     p.add_argument("--contexts", type=_int_at_least(64), nargs="+", default=[4096, 32768],
-                   help="bytes/decode/hybrid: context lengths in tokens, >= 64")
+                   help="bytes/decode/hybrid/compress: context lengths in tokens, >= 64")
     p.add_argument("--kv-heads", type=_int_at_least(1), default=8)
     p.add_argument("--groups", type=_int_at_least(1), default=4, help="GQA group size (query heads per kv-head)")
     p.add_argument("--head-dim", type=_int_at_least(8), default=128, help="a multiple of 8 (default 128)")
@@ -455,6 +455,15 @@ def cmd_bench(args) -> None:
     from .eval import bench_decode
 
     geometry = f"{args.kv_heads} kv-heads, GQA group {args.groups}, head_dim {args.head_dim}, {args.dtype}, {torch.get_num_threads()} threads"
+    if args.what == "compress":
+        from .kernels import cpu_compress
+
+        if not cpu_compress.available():
+            raise UsageError(f"{PROG} bench compress: error: the fused kernel cannot be built here ({cpu_compress.unavailable()})")
+        rows = bench.compress_table(args.contexts, args.kv_heads, args.groups, args.head_dim, dtype)
+        print(f"\nkey compression at key_prune_ratio 0.8, {geometry}, median of 5\n")
+        print(bench.format_table(rows, bench.COMPRESS_COLUMNS))
+        return
     if args.what == "bytes":
         for context in args.contexts:
             rows = bench.bytes_table(context, args.kv_heads, args.groups, args.head_dim, dtype)

@@ -25,6 +25,7 @@ SEED_MAX = 2**63 - 1
 # method = "[<eviction>+]<channel>"; "dense" means no compression at all.
 EVICTIONS = ("snapkv", "pyramidkv", "streamingllm")
 CHANNEL_POLICIES = ("spark", "think", "none")
+KEY_PRUNING_POLICIES = ("spark", "think")  # the channel policies that prune key channels
 
 
 def parse_method(method: str) -> tuple[str | None, str]:
@@ -182,13 +183,8 @@ class SparKConfig:
                 f"token_budget={budget!r} given but method {self.method!r} has no eviction; "
                 f"use e.g. 'snapkv+{channel if channel != 'dense' else 'none'}'"
             )
-        if isinstance(budget, int) and eviction in ("snapkv", "pyramidkv") and budget < self.eviction_window:
-            raise ValueError(
-                f"token_budget={budget} is smaller than eviction_window={self.eviction_window}: "
-                "SnapKV/PyramidKV always keep the whole observation window"
-            )
-        if isinstance(budget, int) and eviction == "streamingllm" and budget <= self.sink_tokens:
-            raise ValueError(f"token_budget={budget} must exceed sink_tokens={self.sink_tokens} for streamingllm")
+        if isinstance(budget, int) and eviction is not None and budget < self.min_budget_tokens:
+            raise ValueError(f"token_budget={budget} {self.budget_floor_reason()}")
         if channel != "spark" and self.selection != "ratio":
             raise ValueError(f"selection={self.selection!r} applies to the 'spark' channel policy only, not {channel!r}")
         if self.value_prune_ratio > 0 and channel != "spark":
@@ -204,6 +200,26 @@ class SparKConfig:
     def channel_policy(self) -> str:
         """'spark', 'think', 'none' (eviction only) or 'dense' (no compression)."""
         return parse_method(self.method)[1]
+
+    @property
+    def prunes_key_channels(self) -> bool:
+        """Whether the channel policy prunes key channels (SparK, ThinK) and so reads window queries."""
+        return self.channel_policy in KEY_PRUNING_POLICIES
+
+    @property
+    def min_budget_tokens(self) -> int | None:
+        """Fewest tokens the eviction policy keeps (None without eviction): SnapKV/PyramidKV's whole
+        observation window, StreamingLLM's sinks plus one recent token."""
+        eviction = self.eviction
+        if eviction is None:
+            return None
+        return self.eviction_window if eviction in ("snapkv", "pyramidkv") else self.sink_tokens + 1
+
+    def budget_floor_reason(self) -> str:
+        """Why a token budget below `min_budget_tokens` cannot apply (completes "token_budget=... ")."""
+        if self.eviction == "streamingllm":
+            return f"must exceed sink_tokens={self.sink_tokens} for streamingllm"
+        return f"is smaller than eviction_window={self.eviction_window}: SnapKV/PyramidKV always keep the whole observation window"
 
     @property
     def name(self) -> str:

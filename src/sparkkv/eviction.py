@@ -1,12 +1,15 @@
 """Token eviction at the end of prefill (docs/method.md section 7), applied before channel pruning.
 
-    snapkv        score older prompt tokens by the softmax attention of the last
+Each policy marks the prompt tokens it keeps (`keep`: a bool mask and a priority), and one shared
+step turns that into stored slots (`select`):
+
+    SnapKV        score older prompt tokens by the softmax attention of the last
                   `eviction_window` queries, averaged over the window, 1-D average-pooled
                   (kernel `pool_kernel`), averaged over the GQA group; keep the top
                   `budget - window` older tokens plus the whole window.
-    pyramidkv     SnapKV scores, per-layer budgets shrinking linearly with depth (`pyramid_beta`),
+    PyramidKV     SnapKV scores, per-layer budgets shrinking linearly with depth (`pyramid_beta`),
                   summing to the same total as a uniform budget.
-    streamingllm  the first `sink_tokens` tokens plus the most recent ones.
+    StreamingLLM  the first `sink_tokens` tokens plus the most recent ones.
 
 Padding: every row is treated as if it were alone. Its budget comes from its own length (a
 fractional budget is a fraction of the row's real tokens; a budget at or above the row's length
@@ -28,11 +31,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import masks
 from .config import SparKConfig
 
 log = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------------------------------------
+# budgets
+# ---------------------------------------------------------------------------------------------
 def resolve_budgets(
     config: SparKConfig,
     prompt_len: int,
@@ -45,25 +52,18 @@ def resolve_budgets(
     `num_layers` place the layer among the full-attention layers (PyramidKV). Raises a
     `ValueError` naming the budget when it cannot hold the SnapKV window or the sinks."""
     lengths = [prompt_len] if valid is None else [int(n) for n in valid.sum(-1).tolist()]
+    policy = EVICTIONS[config.eviction]
     budget = config.token_budget
     out = []
     for length in lengths:
         tokens = int(math.floor(budget * length)) if isinstance(budget, float) else int(budget)
-        what = f"token_budget={budget}" + (f" of a {length}-token prompt ({tokens} tokens)" if isinstance(budget, float) else "")
         if tokens >= length:
             out.append(length)  # nothing to evict
             continue
-        if config.eviction in ("snapkv", "pyramidkv") and tokens < config.eviction_window:
-            raise ValueError(
-                f"{what} is smaller than eviction_window={config.eviction_window}; SnapKV/PyramidKV keep the whole window"
-            )
-        if config.eviction == "streamingllm" and tokens <= config.sink_tokens:
-            raise ValueError(f"{what} must exceed sink_tokens={config.sink_tokens}")
-        if config.eviction == "pyramidkv":
-            if layer_index is None or num_layers is None:
-                raise ValueError("pyramidkv needs the layer's depth: build the cache with model_config= or run it inside a model")
-            tokens = pyramid_budget(tokens, length, config.eviction_window, config.pyramid_beta, layer_index, num_layers)
-        out.append(min(tokens, length))
+        if tokens < config.min_budget_tokens:
+            what = f"token_budget={budget}" + (f" of a {length}-token prompt ({tokens} tokens)" if isinstance(budget, float) else "")
+            raise ValueError(f"{what} {config.budget_floor_reason()}")
+        out.append(min(policy.layer_budget(config, tokens, length, layer_index, num_layers), length))
     return torch.tensor(out, dtype=torch.int64)
 
 
@@ -83,6 +83,9 @@ def pyramid_budget(budget: int, prompt_len: int, window: int, beta: float, layer
     return int(round(high - layer_idx * step)) + window
 
 
+# ---------------------------------------------------------------------------------------------
+# scores
+# ---------------------------------------------------------------------------------------------
 def snapkv_scores(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -104,12 +107,9 @@ def snapkv_scores(
     g = hq // h
     qw = query[:, :, -window:].float().reshape(b, h, g * window, d)
     logits = torch.matmul(qw, keys.float().transpose(-1, -2)).mul_(scaling).view(b, h, g, window, s)
-    if mask is None:
-        q_pos = torch.arange(s - window, s, device=keys.device)
-        allowed = torch.arange(s, device=keys.device).view(1, s) <= q_pos.view(window, 1)
-    else:
-        rows = mask[:, :, -window:, :]
-        allowed = rows if rows.dtype == torch.bool else rows > torch.finfo(rows.dtype).min / 2
+    rows = None if mask is None else mask[:, :, -window:, :]
+    allowed = masks.causal_rows(rows, torch.arange(s - window, s, device=keys.device), s)
+    if rows is not None:
         allowed = allowed.unsqueeze(2)  # [B, 1, 1, W, S]
     logits = logits.masked_fill(~allowed, float("-inf"))
     probs = logits.softmax(dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> 0
@@ -120,7 +120,66 @@ def snapkv_scores(
     return scores.view(b, h, g, s - window).mean(dim=2)
 
 
-def _pick(kept: torch.Tensor, priority: torch.Tensor, slots: int) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------
+# policies
+# ---------------------------------------------------------------------------------------------
+class StreamingLLM:
+    """The row's first `sink_tokens` real tokens plus its most recent ones."""
+
+    def layer_budget(self, config, tokens, length, layer_index, num_layers) -> int:
+        return tokens
+
+    def keep(self, config, keys, query, mask_rows, budgets, scaling, real, window_valid):
+        """`(kept [B, H, S] bool, priority [B, H, S])`: the tokens kept, and which to prefer."""
+        b, h = keys.shape[:2]
+        order = real.long().cumsum(-1) - 1  # index of each real token among the row's real tokens
+        length = real.sum(-1, keepdim=True)
+        recent = (budgets - config.sink_tokens).unsqueeze(-1)
+        kept = (real & ((order < config.sink_tokens) | (order >= length - recent))).unsqueeze(1).expand(b, h, -1)
+        return kept, kept.float()
+
+
+class SnapKV:
+    """The observation window's attention decides which older tokens stay; the window always stays."""
+
+    def layer_budget(self, config, tokens, length, layer_index, num_layers) -> int:
+        return tokens
+
+    def keep(self, config, keys, query, mask_rows, budgets, scaling, real, window_valid):
+        b, h, s, _ = keys.shape
+        window = config.eviction_window
+        older = s - window
+        if window_valid is not None and window_valid.shape[-1] > window:
+            window_valid = window_valid[:, -window:]
+        scores = snapkv_scores(query, keys, window, config.pool_kernel, scaling, mask_rows, window_valid)
+        real_older = real[:, None, :older].expand(b, h, older)
+        scores = scores.masked_fill(~real_older, float("-inf"))
+        rank = torch.empty_like(scores, dtype=torch.int64)
+        order = scores.argsort(dim=-1, descending=True, stable=True)
+        rank.scatter_(-1, order, torch.arange(older, device=keys.device).expand(b, h, older))
+        kept_older = real_older & (rank < (budgets - window).view(b, 1, 1))
+        in_window = torch.ones(b, h, window, dtype=torch.bool, device=keys.device)
+        # the window outranks every older token; among older tokens, the better score first
+        priority = torch.cat([(older - rank).float(), torch.full((b, h, window), float(older + 1), device=keys.device)], -1)
+        return torch.cat([kept_older, in_window], dim=-1), priority
+
+
+class PyramidKV(SnapKV):
+    """SnapKV with per-layer budgets that shrink linearly with depth."""
+
+    def layer_budget(self, config, tokens, length, layer_index, num_layers) -> int:
+        if layer_index is None or num_layers is None:
+            raise ValueError("pyramidkv needs the layer's depth: build the cache with model_config= or run it inside a model")
+        return pyramid_budget(tokens, length, config.eviction_window, config.pyramid_beta, layer_index, num_layers)
+
+
+EVICTIONS = {"snapkv": SnapKV(), "pyramidkv": PyramidKV(), "streamingllm": StreamingLLM()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared step
+# ---------------------------------------------------------------------------------------------
+def select(kept: torch.Tensor, priority: torch.Tensor, slots: int) -> torch.Tensor:
     """Positions of the `slots` highest-priority tokens of every row, where `kept` marks the
     tokens the policy keeps (at most `slots` per row); the other picks are fillers, returned as
     position -1 (masked everywhere). `[..., S]` -> int64 `[..., slots]`, ascending."""
@@ -154,29 +213,29 @@ def evict_tokens(
         positions = torch.arange(s, device=device).expand(b, h, s)
         return keys, values, positions
     real = torch.ones(b, s, dtype=torch.bool, device=device) if valid is None else valid.to(device)
-    if config.eviction == "streamingllm":
-        order = real.long().cumsum(-1) - 1  # index of each real token among the row's real tokens
-        length = real.sum(-1, keepdim=True)
-        recent = (budgets - config.sink_tokens).unsqueeze(-1)
-        kept = real & ((order < config.sink_tokens) | (order >= length - recent))
-        positions = _pick(kept, kept.float(), slots).unsqueeze(1).expand(b, h, slots)
-    else:
-        window = config.eviction_window
-        older = s - window
-        wv = window_valid
-        if wv is not None and wv.shape[-1] > window:
-            wv = wv[:, -window:]
-        scores = snapkv_scores(query, keys, window, config.pool_kernel, scaling, mask, wv)
-        real_older = real[:, None, :older].expand(b, h, older)
-        scores = scores.masked_fill(~real_older, float("-inf"))
-        rank = torch.empty_like(scores, dtype=torch.int64)
-        order = scores.argsort(dim=-1, descending=True, stable=True)
-        rank.scatter_(-1, order, torch.arange(older, device=device).expand(b, h, older))
-        kept = real_older & (rank < (budgets - window).view(b, 1, 1))
-        picked = _pick(kept, (older - rank).float(), slots - window)
-        window_pos = torch.arange(older, s, device=device).expand(b, h, window)
-        positions = torch.cat([picked, window_pos], dim=-1)
+    kept, priority = EVICTIONS[config.eviction].keep(config, keys, query, mask, budgets, scaling, real, window_valid)
+    positions = select(kept, priority, slots)
     index = positions.clamp_min(0).unsqueeze(-1)
     kept_keys = keys.gather(2, index.expand(b, h, slots, d))
     kept_values = values.gather(2, index.expand(b, h, slots, values.shape[-1]))
     return kept_keys, kept_values, positions
+
+
+def evict(config: SparKConfig, inputs, rows_valid: torch.Tensor, layer_index: int | None, num_layers: int | None):
+    """The prompt a full-attention layer keeps: `(keys, values, positions or None, token_mask or None)`.
+
+    `inputs`: the layer's `PrefillInputs`; `rows_valid [B, n]`: which recorded query rows may score.
+    `positions` int32 `[B, Hkv, K]` (None when nothing was evicted); `token_mask`: bool marking the
+    real tokens of what is kept (`[B, Hkv, K]`, or the prompt's `[B, S]`; None without padding)."""
+    keys, values, query, valid = inputs.keys, inputs.values, inputs.queries, inputs.valid
+    b, h, s, _ = keys.shape
+    if query.shape[2] < min(config.eviction_window, s):
+        raise ValueError(f"eviction_window={config.eviction_window} needs more prefill queries than were recorded ({query.shape[2]})")
+    budget = resolve_budgets(config, s, valid, layer_index, num_layers)
+    keys, values, positions = evict_tokens(config, keys, values, query, inputs.mask_rows, budget, inputs.scaling, valid, rows_valid)
+    if positions.shape[-1] == s and bool((positions == torch.arange(s, device=positions.device)).all()):
+        return keys, values, None, valid  # nothing evicted
+    real = torch.ones(b, s, dtype=torch.bool, device=keys.device) if valid is None else valid
+    p = positions.long()
+    token_mask = real.unsqueeze(1).expand(b, h, s).gather(-1, p.clamp_min(0)) & (p >= 0)
+    return keys, values, positions.to(torch.int32), token_mask

@@ -81,30 +81,41 @@ GROUPED_BOUNDS = (0.2, 0.4, 0.6, 0.8)
 GROUPED_KEEP = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def select_channels(s: torch.Tensor, config: SparKConfig) -> torch.Tensor:
-    """Which channels every token keeps: float `[B, H, S, D]` -> bool `[B, H, S, D]`.
-
-    ratio:   the `T = D - floor(lam * D)` most salient channels of each token.
-    top_p:   channels in descending saliency until their sum reaches `top_p` of the token's total.
-    grouped: `n99` = channels holding `grouped_mass` of the saliency; tokens with
-             n99 <= 0.2D, 0.4D, 0.6D, 0.8D, above keep floor(0.1, 0.3, 0.5, 0.7, 0.9 * D).
-    """
+def _select_ratio(s: torch.Tensor, config: SparKConfig) -> torch.Tensor:
+    """The `T = D - floor(lam * D)` most salient channels of each token."""
     d = s.shape[-1]
-    if config.selection == "ratio":
-        t = d - pruned_count(config.key_prune_ratio, d)
-        if t == d:
-            return torch.ones_like(s, dtype=torch.bool)
-        # stable: among equal saliencies the lower channel is kept (the fused kernel's rule too)
-        idx = s.argsort(dim=-1, descending=True, stable=True)[..., :t]
-        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
-    if config.selection == "top_p":
-        return _mask_from_counts(s, _mass_count(s, config.top_p))
-    # grouped
+    t = d - pruned_count(config.key_prune_ratio, d)
+    if t == d:
+        return torch.ones_like(s, dtype=torch.bool)
+    # stable: among equal saliencies the lower channel is kept (the fused kernel's rule too)
+    idx = s.argsort(dim=-1, descending=True, stable=True)[..., :t]
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def _select_top_p(s: torch.Tensor, config: SparKConfig) -> torch.Tensor:
+    """Channels in descending saliency until their sum reaches `top_p` of the token's total."""
+    return _mask_from_counts(s, _mass_count(s, config.top_p))
+
+
+def _select_grouped(s: torch.Tensor, config: SparKConfig) -> torch.Tensor:
+    """Bucket tokens by `n99` (channels holding `grouped_mass` of the saliency) and keep
+    floor(0.1, 0.3, 0.5, 0.7, 0.9 * D) channels for n99 <= 0.2D, 0.4D, 0.6D, 0.8D, above."""
+    d = s.shape[-1]
     n99 = _mass_count(s, config.grouped_mass)
     bounds = torch.tensor([pruned_count(f, d) for f in GROUPED_BOUNDS], device=s.device)
     keep_sizes = torch.tensor([max(1, pruned_count(f, d)) for f in GROUPED_KEEP], device=s.device)
     bucket = torch.bucketize(n99, bounds, right=False)  # n99 <= 0.2D -> 0, ..., > 0.8D -> 4
     return _mask_from_counts(s, keep_sizes[bucket])
+
+
+# `SparKConfig.selection` -> the rule (names: config.SELECTIONS)
+SELECTORS = {"ratio": _select_ratio, "top_p": _select_top_p, "grouped": _select_grouped}
+
+
+def select_channels(s: torch.Tensor, config: SparKConfig) -> torch.Tensor:
+    """Which channels every token keeps: float `[B, H, S, D]` -> bool `[B, H, S, D]`, by
+    `config.selection` ("ratio", "top_p", "grouped"; see `SELECTORS`)."""
+    return SELECTORS[config.selection](s, config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +146,51 @@ def _magnitude_from_saliency(w: torch.Tensor, qn: torch.Tensor, form: str) -> to
     return (w.clamp_min(0).sqrt() if form == "squared" else w) * chan
 
 
+class DeterministicRecovery:
+    """A recovery that is a function of the token's mean pruned saliency `a_t` (or of nothing):
+    the PyTorch pipeline and the fused kernel share it (`fields` maps `a_t` to the stored fields)."""
+
+    fused = True  # the fused compression kernel serves it
+
+    def __init__(self, sign: bool, fields) -> None:
+        self.sign = sign  # whether pruned entries keep their sign bit
+        self.fields = fields  # (mean [B, H, S] float32, qn [B, H, D], config) -> (scale or None, chan or None)
+
+    def __call__(self, keys, s, keep, qn, config, generator=None) -> Recovery:
+        pruned = ~keep
+        mean = (s * pruned).sum(-1) / pruned.sum(-1).clamp_min(1)
+        scale, chan = self.fields(mean, qn, config)
+        return Recovery(sign=keys > 0 if self.sign else None, scale=scale, chan=chan)
+
+
+class SampledRecovery:
+    """Seeded draws per pruned entry (ablations): explicit values, no fused kernel."""
+
+    fused = False
+
+    def __call__(self, keys, s, keep, qn, config, generator=None) -> Recovery:
+        return Recovery(fill=_sampled_fill(keys, s, keep, qn, config, generator))
+
+
+def _mean_fields(mean, qn, config):
+    scale = mean.sqrt() if config.saliency == "squared" else mean
+    return scale, inverse_saliency_factor(qn, config.saliency)
+
+
+def _constant_fields(mean, qn, config):
+    return None, torch.full(qn.shape, float(config.recovery_constant), device=qn.device)
+
+
+# `SparKConfig.recovery` -> the rule (names: config.RECOVERIES)
+RECOVERY_RULES = {
+    "mean": DeterministicRecovery(sign=True, fields=_mean_fields),
+    "zero": DeterministicRecovery(sign=False, fields=lambda mean, qn, config: (None, None)),
+    "constant": DeterministicRecovery(sign=True, fields=_constant_fields),
+    "exponential": SampledRecovery(),
+    "normal": SampledRecovery(),
+}
+
+
 def recover(
     keys: torch.Tensor,
     s: torch.Tensor,
@@ -143,7 +199,7 @@ def recover(
     config: SparKConfig,
     generator: torch.Generator | None = None,
 ) -> Recovery:
-    """Recovery of the pruned entries (docs/method.md section 5).
+    """Recovery of the pruned entries (docs/method.md section 5), by `config.recovery`.
 
     mean:     `a_t = mean_{c pruned} s[t, c]`; entry -> `sign(K) * sqrt(a_t / qn[c])`
               (`a_t / qn[c]` for the paper's saliency form). Stored as `scale_t = sqrt(a_t)` and
@@ -154,20 +210,7 @@ def recover(
               `a_t`) or a normal (mean, std of the pruned saliencies) distribution, clip to
               [0, keep threshold], assign by rank to the pruned channels, map back with the sign.
     """
-    positive = keys > 0
-    pruned = ~keep
-    if config.recovery == "zero":
-        return Recovery()
-    if config.recovery == "constant":
-        b, h, _, d = keys.shape
-        chan = torch.full((b, h, d), float(config.recovery_constant), device=keys.device)
-        return Recovery(sign=positive, chan=chan)
-    if config.recovery == "mean":
-        n_pruned = pruned.sum(-1)
-        a = (s * pruned).sum(-1) / n_pruned.clamp_min(1)
-        scale = a.sqrt() if config.saliency == "squared" else a
-        return Recovery(sign=positive, scale=scale, chan=inverse_saliency_factor(qn, config.saliency))
-    return Recovery(fill=_sampled_fill(keys, s, keep, qn, config, generator))
+    return RECOVERY_RULES[config.recovery](keys, s, keep, qn, config, generator)
 
 
 def _sampled_fill(keys, s, keep, qn, config, generator) -> torch.Tensor:
@@ -303,11 +346,24 @@ def _describe(x) -> str:
     return f"a tensor of {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _compress_keys(keys: torch.Tensor, qn: torch.Tensor, config: SparKConfig, generator: torch.Generator | None = None) -> PackedTensor:
+# The compression kernel: "auto" (the fused C++ kernel where it serves: CPU tensors of float32,
+# bfloat16 or float16, the fixed-ratio selection, a deterministic recovery, the kernel built here;
+# else the PyTorch steps above), "torch" (always the steps above), "cpu" (the fused kernel, or an error).
+# Chosen by device and dtype, never by the attention backend. Both give the same selection.
+COMPRESS_KERNELS = ("auto", "torch", "cpu")
+
+
+def _compress_keys(
+    keys: torch.Tensor, qn: torch.Tensor, config: SparKConfig, generator: torch.Generator | None = None, kernel: str = "auto"
+) -> PackedTensor:
     """`compress_keys` without validation, for callers that own their inputs (the cache, per block):
     keys `[B, Hkv, S, D]`, qn float32 `[B, Hkv, D]` -> `PackedTensor`."""
-    if _fused_applies(keys, config):
-        return _compress_fused(keys, qn, config)
+    if kernel != "torch":
+        reason = _fused_unavailable(keys, config)
+        if reason is None:
+            return _compress_fused(keys, qn, config)
+        if kernel == "cpu":
+            raise RuntimeError(f"kernel='cpu' was requested but the fused compression kernel cannot serve: {reason}")
     s = saliency(keys, qn, config.saliency)
     keep = select_channels(s, config)
     rec = recover(keys, s, keep, qn, config, generator)
@@ -322,6 +378,7 @@ def compress_keys(
     window_mask: torch.Tensor | None = None,
     qn: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    kernel: str = "auto",
 ) -> PackedTensor:
     """Prune and pack keys with SparK.
 
@@ -330,43 +387,42 @@ def compress_keys(
     `Hq` a multiple of `Hkv`); `window_mask [B, W]` (bool) marks real (non-padding) queries,
     at least one per row. Pass `qn [B, Hkv, D]` instead of the queries to reuse stored query
     norms. `config`: a `SparKConfig` whose channel policy is "spark" (None: the defaults).
+    `kernel`: "auto" (default), "torch" or "cpu" (see `COMPRESS_KERNELS`).
     Returns a `PackedTensor`: `.dense()` -> `[B, Hkv, S, D]` keys attention sees, `.nbytes`.
     Bad arguments raise `TypeError`/`ValueError` naming the argument (docs/nonfinite.md for NaN/inf).
     """
     config = _check_compress_keys_args(keys, window_queries, config, window_mask, qn, generator)
+    if kernel not in COMPRESS_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}: expected one of {list(COMPRESS_KERNELS)}")
     if qn is None:
         qn = window_query_norm(window_queries, keys.shape[1], window_mask)
-    return _compress_keys(keys, qn.float(), config, generator)
+    return _compress_keys(keys, qn.float(), config, generator, kernel)
 
 
-def _fused_applies(keys: torch.Tensor, config: SparKConfig) -> bool:
-    """The fused CPU kernel serves the fixed-ratio selection with the deterministic recoveries,
-    when the configured backend is "cpu" or "auto" and the kernel builds here."""
-    if keys.device.type != "cpu" or config.selection != "ratio" or config.recovery not in ("mean", "zero", "constant"):
-        return False
+def _fused_unavailable(keys: torch.Tensor, config: SparKConfig) -> str | None:
+    """Why the fused CPU compression kernel cannot serve these keys and this config, or None."""
+    if keys.device.type != "cpu":
+        return f"keys are on {keys.device}, not the CPU"
     if keys.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if config.attention_backend not in ("auto", "cpu"):
-        return False
+        return f"keys are {keys.dtype}; the kernel reads float32, bfloat16 and float16"
+    if config.selection != "ratio":
+        return f"selection={config.selection!r}: the kernel serves the fixed-ratio selection"
+    if not RECOVERY_RULES[config.recovery].fused:
+        return f"recovery={config.recovery!r} draws explicit values; the kernel serves the deterministic recoveries"
     from .kernels import cpu_compress
 
-    return cpu_compress.available()
+    return cpu_compress.unavailable()
 
 
 def _compress_fused(keys: torch.Tensor, qn: torch.Tensor, config: SparKConfig) -> PackedTensor:
     """`compress_keys` through kernels/cpu_compress.cpp (same result as the steps above)."""
     from .kernels import cpu_compress
 
-    b, h, s, d = keys.shape
+    d = keys.shape[-1]
     t = d - pruned_count(config.key_prune_ratio, d)
-    recovery = config.recovery
-    vals, keep, sign, mean = cpu_compress.compress_fixed(keys, qn, t, config.saliency == "squared", recovery != "zero")
-    scale = chan = None
-    if recovery == "mean":
-        scale = mean.sqrt() if config.saliency == "squared" else mean
-        chan = inverse_saliency_factor(qn, config.saliency)
-    elif recovery == "constant":
-        chan = torch.full((b, h, d), float(config.recovery_constant), device=keys.device)
+    rule = RECOVERY_RULES[config.recovery]
+    vals, keep, sign, mean = cpu_compress.compress_fixed(keys, qn, t, config.saliency == "squared", rule.sign)
+    scale, chan = rule.fields(mean, qn, config)
     return PackedTensor(
         shape=tuple(keys.shape),
         dtype=keys.dtype,

@@ -23,11 +23,10 @@ zero recovery stores none of them; value pruning with mean fill stores `scale` o
 base storage alive, so every field is an owning, compact tensor).
 
 Every stored chunk -- `DenseChunk` (a plain tensor), `PackedTensor` (SparK keys, pruned values),
-`ColumnPackedTensor` (ThinK keys) -- implements one small protocol, `Chunk`: its shape and
-length, `dense()`, the reference `logits(query_rows)` and `weighted_sum(probs)` (what attention
-needs from a key chunk and a value chunk), `kept_per_row()`, `slice_seq` / `index_batch` (crop,
-beam search) and `tensors()` / `nbytes`. The cache stores chunks and the attention ops read them
-through this protocol only; the fused kernels in `kernels/` read the fields directly.
+`ColumnPackedTensor` (ThinK keys) -- implements one small protocol, `Chunk`: its shape, length and
+dtype, `dense()` (what attention sees), `kept_per_row()`, `slice_seq` / `index_batch` (crop, beam
+search), `to(device)` and `tensors()` / `nbytes`. The cache stores chunks and reads them through
+this protocol only; what a fused kernel reads from each kind is decided in `kernels/operands.py`.
 
 Scale dtype: `scale` is stored in the model dtype, except for float16 models, where it is float32
 (a recovery magnitude or a mean can exceed float16's 65504).
@@ -98,17 +97,6 @@ def scale_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def reference_logits(query_rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """`query_rows [B, H, M, D] @ keys [B, H, S, D]^T` in float32 -> `[B, H, M, S]` (float16
-    products can overflow before the softmax scaling, so everything is upcast)."""
-    return torch.matmul(query_rows.float(), keys.float().transpose(-1, -2))
-
-
-def reference_weighted_sum(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`probs [B, H, M, S] @ values [B, H, S, D]` in float32 -> `[B, H, M, D]`."""
-    return torch.matmul(probs.float(), values.float())
-
-
 class Chunk(Protocol):
     """What the cache stores per block of tokens (keys or values of `[B, H, S, D]`)."""
 
@@ -126,22 +114,8 @@ class Chunk(Protocol):
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The `[B, H, S, D]` tensor attention sees (pruned entries recovered)."""
 
-    def logits(self, query_rows: torch.Tensor) -> torch.Tensor:
-        """float32 `[B, H, M, S]` = `query_rows [B, H, M, D] @ dense()^T` (the PyTorch reference)."""
-
-    def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
-        """float32 `[B, H, M, D]` = `probs [B, H, M, S] @ dense()` (the PyTorch reference)."""
-
     def kept_per_row(self) -> torch.Tensor:
         """int64 `[B, H, S]`: channels stored explicitly per row."""
-
-    def kernel_keys(self, query_rows: torch.Tensor | None) -> tuple[torch.Tensor | None, object]:
-        """`(query rows, operand)` for a fused kernel reading this chunk as keys: the operand is a
-        dense tensor or a `PackedTensor` (ThinK columns: dense keys over the kept channels, with
-        the query rows' matching channels). `query_rows=None` asks for the operand only."""
-
-    def kernel_values(self) -> object:
-        """The operand a fused kernel reads for this chunk as values."""
 
     def slice_seq(self, start: int, stop: int) -> "Chunk": ...
 
@@ -183,21 +157,9 @@ class DenseChunk:
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.data if dtype is None else self.data.to(dtype)
 
-    def logits(self, query_rows: torch.Tensor) -> torch.Tensor:
-        return reference_logits(query_rows, self.data)
-
-    def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
-        return reference_weighted_sum(probs, self.data)
-
     def kept_per_row(self) -> torch.Tensor:
         b, h, s, d = self.data.shape
         return torch.full((b, h, s), d, dtype=torch.int64, device=self.data.device)
-
-    def kernel_keys(self, query_rows: torch.Tensor | None):
-        return query_rows, self.data
-
-    def kernel_values(self):
-        return self.data
 
     def slice_seq(self, start: int, stop: int) -> "DenseChunk":
         return DenseChunk(self.data[:, :, start:stop])
@@ -324,20 +286,6 @@ class PackedTensor:
         out = self.fill_values(keep, dtype)
         return out.masked_scatter_(keep, self.vals.to(out.dtype))
 
-    def logits(self, query_rows: torch.Tensor) -> torch.Tensor:
-        """Reference logits: the chunk is rebuilt densely (float32, recovered entries unrounded),
-        used for one matmul and dropped."""
-        return reference_logits(query_rows, self.dense(torch.float32))
-
-    def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
-        return reference_weighted_sum(probs, self.dense(torch.float32))
-
-    def kernel_keys(self, query_rows: torch.Tensor | None):
-        return query_rows, self
-
-    def kernel_values(self):
-        return self
-
     def full_vals(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Kept values scattered to `[B, H, S, D]` with zeros elsewhere."""
         if keep is None:
@@ -458,28 +406,9 @@ class ColumnPackedTensor:
         dtype = dtype or self.vals.dtype
         return torch.zeros(self.shape, dtype=dtype, device=self.vals.device).scatter_(-1, index, self.vals.to(dtype))
 
-    def logits(self, query_rows: torch.Tensor) -> torch.Tensor:
-        """A matmul over the T kept channels only: the query's kept channels are gathered."""
-        b, h, m, _ = query_rows.shape
-        idx = self.idx.long().unsqueeze(2).expand(b, h, m, self.fixed_t)
-        return reference_logits(query_rows.gather(-1, idx), self.vals)
-
-    def weighted_sum(self, probs: torch.Tensor) -> torch.Tensor:
-        return reference_weighted_sum(probs, self.dense(torch.float32))
-
     def kept_per_row(self) -> torch.Tensor:
         b, h, s, _ = self.shape
         return torch.full((b, h, s), self.fixed_t, dtype=torch.int64, device=self.vals.device)
-
-    def kernel_keys(self, query_rows: torch.Tensor | None):
-        """Dense keys over the T kept channels; the query rows keep the same channels."""
-        if query_rows is None:
-            return None, self.vals
-        b, h, m, _ = query_rows.shape
-        return query_rows.gather(-1, self.idx.long().unsqueeze(2).expand(b, h, m, self.fixed_t)), self.vals
-
-    def kernel_values(self):
-        return self.dense()
 
     def index_batch(self, index: torch.Tensor) -> "ColumnPackedTensor":
         index = index.to(self.vals.device)

@@ -6,6 +6,8 @@
                            (`sparkkv.eval.bench_decode`)
     sparkkv bench hybrid   bytes held by a Gemma-3-geometry cache (sliding + full layers):
                            DynamicCache vs SparKCache, per layer type
+    sparkkv bench compress key compression: the fused CPU kernel (kernels/cpu_compress.cpp) against
+                           the PyTorch pipeline of method.py, same inputs, side by side
 
 `bytes` uses one attention layer of Llama-3-8B geometry by default (8 kv-heads, GQA group 4,
 head_dim 128) fed random keys/values/queries, through the same `SparKLayer` code the model uses.
@@ -20,13 +22,12 @@ from ..config import SparKConfig
 from .compare import compare_decode, random_model
 from .report import format_table
 
-__all__ = ["BYTES_COLUMNS", "bytes_table", "format_table", "methods_configs", "methods_table", "prefilled_layer"]
+__all__ = ["BYTES_COLUMNS", "bytes_table", "compress_table", "format_table", "methods_configs", "methods_table", "prefilled_layer"]
 
 
 def prefilled_layer(config: SparKConfig, keys, values, window_queries, scaling):
     """One `SparKLayer` holding `keys`/`values` compressed per `config` with these window queries."""
     layer = SparKLayer(config, layer_idx=0)
-    layer.update(keys, values)
     layer.compress_prefill(PrefillInputs(keys, values, window_queries, None, None, scaling))
     return layer
 
@@ -172,15 +173,54 @@ def hybrid_table(model_config, context: int, decode_steps: int = 3, dtype=torch.
     for config in HYBRID_CONFIGS:
         cache = SparKCache(config, model_config=model_config)
         for i, (k, v) in enumerate(prompt):
-            cache.update(k, v, i)
-            cache.layers[i].compress_prefill(PrefillInputs(k, v, window_q, None, None, d**-0.5))
+            cache.compress_prefill(i, PrefillInputs(k, v, window_q, None, None, d**-0.5))
         for step in steps:
             for i, (k, v) in enumerate(step):
-                cache.update(k, v, i)
-                cache.layers[i].attend(step_q, None, d**-0.5)
+                handle, _ = cache.update(k, v, i)
+                handle.attend(step_q, None, d**-0.5)
         by_type = cache.nbytes_by_layer_type()
         name = config.name + ("" if config.compress_sliding else " (sliding layers dense)")
         rows.append({"cache": name, "context": context, **{t: by_type.get(t, 0) for t in types}, "total": cache.nbytes})
     for row in rows:
         row["vs_dynamic"] = row["total"] / rows[0]["total"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# key compression: fused kernel vs the PyTorch pipeline
+# ---------------------------------------------------------------------------------------------
+COMPRESS_COLUMNS = [
+    ("tokens", "tokens", ",d"),
+    ("identical", "same selection", ""),
+    ("fused_ms", "fused ms", ".1f"),
+    ("torch_ms", "PyTorch ms", ".1f"),
+    ("speedup", "speedup", ".1f"),
+]
+
+
+def compress_table(contexts, kv_heads: int, groups: int, head_dim: int, dtype, ratio: float = 0.8, reps: int = 5,
+                   seed: int = 0) -> list[dict]:
+    """`compress_keys` through the fused kernel and through the PyTorch steps on the same random keys
+    (medians of `reps`, interleaved), and whether both keep the same channels and values."""
+    import time
+
+    from ..method import compress_keys
+
+    gen = torch.Generator().manual_seed(seed)
+    config = SparKConfig(key_prune_ratio=ratio)
+    rows = []
+    for context in contexts:
+        keys = torch.randn(1, kv_heads, context, head_dim, generator=gen).to(dtype)
+        queries = torch.randn(1, kv_heads * groups, 32, head_dim, generator=gen)
+        fused, ref = (compress_keys(keys, queries, config, kernel=k) for k in ("cpu", "torch"))
+        same = torch.equal(fused.keep, ref.keep) and torch.equal(fused.vals, ref.vals) and torch.equal(fused.sign, ref.sign)
+        times = {"cpu": [], "torch": []}
+        for _ in range(reps):
+            for kernel in times:
+                start = time.perf_counter()
+                compress_keys(keys, queries, config, kernel=kernel)
+                times[kernel].append(time.perf_counter() - start)
+        fused_ms, torch_ms = (1e3 * sorted(times[k])[reps // 2] for k in ("cpu", "torch"))
+        rows.append({"tokens": context, "identical": "yes" if same else "NO", "fused_ms": fused_ms, "torch_ms": torch_ms,
+                     "speedup": torch_ms / fused_ms})
     return rows

@@ -80,8 +80,7 @@ def _filled_caches(cfg, context: int, configs, capacity: int, dtype, seed: int):
     out = [("StaticCache + sdpa", static, "sdpa"), ("DynamicCache + sdpa", dynamic, "sdpa")]
     for config in configs:
         cache = SparKCache(config, model_config=cfg)
-        cache.update(keys, values, 0)
-        cache.layers[0].compress_prefill(PrefillInputs(keys, values, window, None, None, d**-0.5))
+        cache.compress_prefill(0, PrefillInputs(keys, values, window, None, None, d**-0.5))
         out.append((f"SparKCache {config.name}", cache, "sparkkv"))
     return out
 

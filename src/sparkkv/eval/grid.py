@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import SparKConfig, parse_method
+from ..config import KEY_PRUNING_POLICIES, SparKConfig, parse_method
 
 
 def parse_ratio(text: str) -> float:
@@ -62,9 +62,9 @@ def build_grid(methods: list[str], ratios: list[float], budgets: list[int | floa
             continue
         if eviction is not None and not budgets:
             raise ValueError(f"method {method!r} evicts tokens: give at least one budget")
-        if channel in ("spark", "think") and not ratios:
+        if channel in KEY_PRUNING_POLICIES and not ratios:
             raise ValueError(f"method {method!r} prunes key channels: give at least one ratio")
-        ratio_values = ratios if channel in ("spark", "think") else [0.5]  # unused by eviction-only
+        ratio_values = ratios if channel in KEY_PRUNING_POLICIES else [0.5]  # unused by eviction-only
         budget_values = budgets if eviction is not None else [None]
         for budget in budget_values:
             for ratio in ratio_values:
@@ -87,7 +87,7 @@ def series(config: SparKConfig | None) -> str:
     also prunes channels (points along the line are then the ratios)."""
     if config is None:
         return "dense"
-    if config.eviction is not None and config.channel_policy in ("spark", "think"):
+    if config.eviction is not None and config.prunes_key_channels:
         return f"{config.method} b{config.token_budget:g}"
     return config.method
 
@@ -103,7 +103,7 @@ def check_fits(configs: list[SparKConfig | None], lengths: list[int]) -> None:
             tokens = int(math.floor(budget * length)) if isinstance(budget, float) else budget
             if tokens > length:
                 raise ValueError(f"budget {budget:g} is larger than the {length}-token context; use at most {length}")
-            floor = config.eviction_window if config.eviction in ("snapkv", "pyramidkv") else config.sink_tokens + 1
+            floor = config.min_budget_tokens
             if tokens < floor:
                 raise ValueError(
                     f"budget {budget:g} keeps {tokens} tokens of a {length}-token context, fewer than the "

@@ -30,12 +30,11 @@ import math
 import torch
 
 from ..packed import PackedTensor
-from . import build
+from . import build, operands
 from .reference import merge_partials, reference_attention
 
 log = logging.getLogger(__name__)
 _NAME, _SOURCE = "sparkkv_cpu_decode", "cpu_decode.cpp"
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PATHS = ("auto", "float32", "portable")
 
 
@@ -50,50 +49,18 @@ def unavailable_reason(portable: bool = False) -> str | None:
     return build.unavailable_reason(_NAME, _SOURCE, portable)
 
 
-def _device(x) -> torch.device:
-    return x.vals.device if isinstance(x, PackedTensor) else x.device
-
-
-def _dtype(x) -> torch.dtype:
-    return x.vals.dtype if isinstance(x, PackedTensor) else x.dtype
-
-
-def _operand_problem(name: str, x) -> str | None:
-    if isinstance(x, PackedTensor):
-        if x.fill is not None:
-            return f"{name} store explicit per-entry fill values (sampled recovery), which the kernel does not rebuild"
-        if x.shape[-1] % 8:
-            return f"packed {name} have head_dim {x.shape[-1]}, not a multiple of 8"
-    elif not isinstance(x, torch.Tensor):
-        return f"the kernel reads PackedTensor or dense tensors, not {type(x).__name__} {name}"
-    elif x.dim() != 4:
-        return f"dense {name} must be [B, H, S, D], got shape {tuple(x.shape)}"
-    if _device(x).type != "cpu":
-        return f"{name} are on {_device(x)}, not the CPU"
-    if _dtype(x) not in _DTYPES:
-        return f"{name} are {_dtype(x)}; the kernel reads float32, bfloat16 and float16"
-    return None
+def _on_cpu(device: torch.device) -> bool:
+    return device.type == "cpu"
 
 
 def _pair_problem(keys, values) -> str | None:
-    """Why the kernel cannot read this (keys, values) pair, whether or not it is built."""
-    for name, x in (("keys", keys), ("values", values)):
-        problem = _operand_problem(name, x)
-        if problem:
-            return problem
-    if tuple(keys.shape[:3]) != tuple(values.shape[:3]):
-        return f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in batch, heads or length"
-    return None
+    """Why the kernel cannot read this (keys, values) operand pair, whether or not it is built."""
+    return operands.pair_problem(keys, values, _on_cpu, "the CPU kernel reads CPU tensors")
 
 
 def can_serve(keys, values) -> str | None:
-    """None when `decode_partials` handles this (keys, values) pair, else the reason (one sentence)."""
+    """None when `decode_partials` handles this (keys, values) operand pair, else the reason (one sentence)."""
     return _pair_problem(keys, values) or unavailable_reason()
-
-
-def supports(packed: PackedTensor) -> bool:
-    """Whether `packed_qk` handles this packed tensor (CPU, no explicit fill; fixed or variable T)."""
-    return _operand_problem("keys", packed) is None
 
 
 def default_splits(batch_heads: int, seq_len: int, threads: int | None = None) -> int:
@@ -171,7 +138,7 @@ def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits:
 def packed_qk(query_rows: torch.Tensor, packed, *, path: str = "auto") -> torch.Tensor | None:
     """Logits `query_rows [B, H, M, D] @ keys^T` -> float32 `[B, H, M, S]` for packed (or dense)
     keys, or None when the kernel cannot serve them (then rebuild with `packed.dense()`)."""
-    if _operand_problem("keys", packed) is not None or load(path == "portable") is None:
+    if operands.operand_problem("keys", packed, _on_cpu, "") is not None or load(path == "portable") is None:
         return None
     module = _module_for(path)
     if packed.shape[2] == 0:

@@ -28,6 +28,7 @@ import os
 import torch
 
 from ..packed import PackedTensor, popcount_rows
+from . import operands
 from .reference import merge_partials, reference_attention
 
 try:
@@ -36,9 +37,7 @@ try:
 except ImportError:  # triton is optional (pip install sparkkv[gpu])
     triton = None
 
-__all__ = ["can_serve", "decode_partials", "merge_partials", "supports", "packed_decode_partials", "dense_partials"]
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["can_serve", "decode_partials", "merge_partials"]
 
 if triton is not None:
 
@@ -132,32 +131,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _device(x) -> torch.device:
-    return x.vals.device if isinstance(x, PackedTensor) else x.device
-
-
-def _dtype(x) -> torch.dtype:
-    return x.vals.dtype if isinstance(x, PackedTensor) else x.dtype
+def _device_ok(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 
 
 def can_serve(keys, values) -> str | None:
-    """None when `decode_partials` handles this (keys, values) pair, else the reason (one sentence)."""
+    """None when `decode_partials` handles this (keys, values) operand pair, else the reason (one sentence)."""
     if triton is None:
         return "triton is not installed (pip install 'sparkkv[gpu]')"
-    for name, x in (("keys", keys), ("values", values)):
-        if isinstance(x, PackedTensor):
-            if x.fill is not None:
-                return f"{name} store explicit per-entry fill values (sampled recovery), which the kernel does not rebuild"
-        elif not isinstance(x, torch.Tensor) or x.dim() != 4:
-            return f"the Triton kernel reads PackedTensor or dense [B, H, S, D] {name}, not {type(x).__name__}"
-        if _dtype(x) not in _DTYPES:
-            return f"{name} are {_dtype(x)}; the kernel reads float32, bfloat16 and float16"
-        device = _device(x)
-        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
-            return f"{name} are on {device}: Triton runs on CUDA tensors, or on CPU ones only under TRITON_INTERPRET=1"
-    if tuple(keys.shape[:3]) != tuple(values.shape[:3]):
-        return f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in batch, heads or length"
-    return None
+    where = "Triton runs on CUDA tensors, or on CPU ones only under TRITON_INTERPRET=1"
+    return operands.pair_problem(keys, values, _device_ok, where)
 
 
 def _operand(x, dummy_f, dummy_i):
@@ -212,7 +195,8 @@ def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits:
         bias_strides = (bias.stride(0), bias.stride(1) if bias.shape[1] == h else 0)
     k_fields, k_meta = _operand(keys, dummy_f, dummy_i)
     v_fields, v_meta = _operand(values, dummy_f, dummy_i)
-    storage = _dtype(keys) if _dtype(keys) == _dtype(values) else torch.float32
+    dtype_of = operands.dtype_of
+    storage = dtype_of(keys) if dtype_of(keys) == dtype_of(values) else torch.float32
     dot_dtype = tl.float32 if (device.type != "cuda" or storage == torch.float32) else (
         tl.bfloat16 if storage == torch.bfloat16 else tl.float16)
     _decode_kernel[(b * h, splits)](
@@ -230,27 +214,6 @@ def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits:
         l_out.view(shape)[..., :m],
         acc_out.view(*shape, dv_pad)[..., :m, :dv],
     )
-
-
-# ---- the names the cache's attention calls today (thin wrappers until it moves to the ops layer) ----
-def supports(packed: PackedTensor, values: torch.Tensor) -> bool:
-    """Whether `packed_decode_partials` handles this pair."""
-    return can_serve(packed, values) is None
-
-
-def packed_decode_partials(query_rows, packed, values, scaling, bias=None, splits=None, block_n: int = 32):
-    return decode_partials(query_rows, packed, values, scaling, bias, splits, block_n=block_n)
-
-
-def dense_partials(query_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, bias=None):
-    """One-split partials of a dense chunk (the recent tail) in PyTorch, float32."""
-    logits = torch.matmul(query_rows.float(), keys.float().transpose(-1, -2)) * scaling
-    if bias is not None:
-        logits = logits + bias.float().unsqueeze(2)
-    m = logits.amax(-1)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    p = torch.exp(logits - m_safe.unsqueeze(-1))
-    return m.unsqueeze(2), p.sum(-1).unsqueeze(2), torch.matmul(p, values.float()).unsqueeze(2)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> None:
     """Evaluate the shipped model on every task and print one JSON line per task."""
-    from . import load_model
+    from .loading import load_model
 
     p = argparse.ArgumentParser(prog="python -m sparkkv.testbed", description=main.__doc__)
     p.add_argument("--tasks", default=",".join(TASKS))
