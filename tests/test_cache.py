@@ -159,6 +159,18 @@ def test_unpackable_head_dim_is_a_clear_error():
         spark(torch.randint(0, 211, (1, 10)), past_key_values=SparKCache())
 
 
+@pytest.mark.parametrize("method", ["dense", "snapkv", "streamingllm", "think"])
+def test_any_head_dim_for_methods_that_pack_no_bits(seed, method):
+    """Dense, eviction-only and ThinK configurations store no bit masks: head_dim 12 works (issue 16)
+    and, keeping every token and channel, matches DynamicCache."""
+    spark, dense = build_pair("llama", seed=seed, head_dim=12, hidden_size=48)
+    ids = torch.randint(0, 211, (2, 40))
+    budget = {"snapkv": 40, "streamingllm": 40}.get(method)
+    config = SparKConfig(method=method, token_budget=budget, key_prune_ratio=0.0, block_size=4, eviction_window=16)
+    errors = step_by_step(spark, dense, ids, SparKCache(config), steps=6)
+    assert max(errors) < 1e-4, errors
+
+
 def test_compress_decode_false_keeps_generated_tokens_dense(seed):
     spark, _ = build_pair("llama", seed=seed)
     cache = SparKCache(SparKConfig(key_prune_ratio=0.5, block_size=4, compress_decode=False))

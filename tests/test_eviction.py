@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import sparkkv.eviction as eviction
 from conftest import ROOT
 from models import build_pair, rel
-from sparkkv import SparKCache, SparKConfig
+from sparkkv import PrefillCapture, SparKCache, SparKConfig
 from sparkkv.eviction import pyramid_budget, resolve_budgets, snapkv_scores
 
 FIXTURE = ROOT / "tests" / "fixtures" / "snapkv_kvpress"
@@ -82,10 +82,15 @@ def test_budget_resolution_and_errors():
     valid[1, :600] = False
     assert resolve_budgets(c, 1000, valid).tolist() == [250, 100]
     assert resolve_budgets(SparKConfig(method="snapkv", token_budget=500), 300).tolist() == [300]
-    with pytest.raises(ValueError, match="smaller than eviction_window"):
-        resolve_budgets(SparKConfig(method="snapkv", token_budget=0.1), 300)
-    with pytest.raises(ValueError, match="must exceed sink_tokens"):
-        resolve_budgets(SparKConfig(method="streamingllm", token_budget=0.01, sink_tokens=4), 300)
+    # a fraction that comes to fewer tokens than the policy always keeps keeps that minimum (issue 16):
+    # SnapKV's window, StreamingLLM's sinks + 1; the whole prompt when it is no longer
+    assert resolve_budgets(SparKConfig(method="snapkv", token_budget=0.1), 300).tolist() == [64]
+    assert resolve_budgets(SparKConfig(method="snapkv", token_budget=0.25), 3).tolist() == [3]  # "Hi"
+    assert resolve_budgets(SparKConfig(method="pyramidkv", token_budget=0.1), 300, None, 0, 4).tolist() == [64]
+    assert resolve_budgets(SparKConfig(method="streamingllm", token_budget=0.01, sink_tokens=4), 300).tolist() == [5]
+    assert resolve_budgets(SparKConfig(method="streamingllm", token_budget=0.01, sink_tokens=4), 2).tolist() == [2]
+    with pytest.raises(ValueError, match="smaller than eviction_window"):  # an int budget stays an error
+        SparKConfig(method="snapkv", token_budget=10)
     with pytest.raises(ValueError, match="depth"):
         resolve_budgets(SparKConfig(method="pyramidkv", token_budget=100), 300)
     # a prompt shorter than the budget keeps everything and decodes like dense
@@ -239,3 +244,54 @@ def test_crop_after_eviction(seed):
         tok = torch.randint(0, 211, (1, 1))
         mask = torch.cat([kept, torch.ones(4, dtype=torch.bool)]).view(1, 1, 1, -1)
         assert rel(spark(tok, past_key_values=cache).logits, dense(tok, past_key_values=dense_cache, attention_mask=mask).logits) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["snapkv+spark", "streamingllm", "pyramidkv"])
+def test_short_prompt_with_fractional_budget_keeps_it(seed, method):
+    """A chat server's "Hi": a fractional budget on a prompt shorter than the eviction window keeps the
+    whole prompt and decodes like dense, instead of raising inside generate."""
+    spark, dense = build_pair("llama", seed=seed)
+    ids = torch.randint(0, 211, (1, 5))
+    config = SparKConfig(method=method, token_budget=0.25, key_prune_ratio=0.0)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    got = spark.generate(ids, past_key_values=SparKCache(config), **kw)
+    assert torch.equal(got, dense.generate(ids, **kw))
+
+
+def test_chunked_prefill_with_eviction_is_refused_not_silently_unbudgeted(seed):
+    """generate(prefill_chunk_size=N) sends the prompt in several forwards; the budget was applied to
+    the first only, so the second is refused with a message that says what to do (issue 16)."""
+    spark, _ = build_pair("llama", seed=seed)
+    ids = torch.randint(0, 211, (1, 300))
+    cache = SparKCache(SparKConfig(method="snapkv+spark", token_budget=128, key_prune_ratio=0.8))
+    with pytest.raises(ValueError, match="chunked prefill.*prefill_chunk_size=None"):
+        spark.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False, prefill_chunk_size=100)
+    # in one forward the budget holds
+    cache = SparKCache(SparKConfig(method="snapkv+spark", token_budget=128, key_prune_ratio=0.8))
+    spark.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert cache.layer_stats()[0]["kept_tokens"] == 128
+    # channel pruning alone takes chunks (later chunks are packed as decode blocks)
+    cache = SparKCache(SparKConfig(key_prune_ratio=0.8))
+    spark.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False, prefill_chunk_size=100)
+    assert cache.layers[0].stored_tokens == cache.get_seq_length()
+
+
+def test_tokens_after_a_finished_prompt(seed):
+    """A question appended after a compressed context: end_prompt() (or a one-token forward) says the
+    prompt is complete; the new tokens are stored like generated ones, not evicted."""
+    spark, _ = build_pair("llama", seed=seed)
+    context, question = torch.randint(0, 211, (1, 200)), torch.randint(0, 211, (1, 20))
+    cache = SparKCache(SparKConfig(method="snapkv", token_budget=96))
+    with torch.no_grad():
+        spark(context, past_key_values=cache)
+        with pytest.raises(ValueError, match="end_prompt"):
+            spark(question, past_key_values=cache)
+        cache.end_prompt()
+        spark(question, past_key_values=cache)
+    assert cache.layers[0].stored_tokens == 96 + 20 and cache.get_seq_length() == 220
+    capture = PrefillCapture(max_queries=64)
+    with torch.no_grad():
+        spark(context, past_key_values=capture)
+        forked = capture.compress(SparKConfig(method="snapkv", token_budget=96))
+        spark(question, past_key_values=forked)  # a fork of a recorded prompt: the prompt is complete
+    assert forked.layers[0].stored_tokens == 96 + 20

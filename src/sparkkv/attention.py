@@ -21,6 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from . import masks, ops
 from .cache import CacheHandle, PrefillInputs
 from .compat import check_attention_call, check_config
+from .policies import packs_bits
 
 
 def sparkkv_attention_forward(
@@ -41,7 +42,7 @@ def sparkkv_attention_forward(
     handle = key
     attention_mask = masks.first_columns(attention_mask, handle.seen)  # every path below reads `seen` tokens
     sinks = kwargs.pop("s_aux", None)  # attention sinks (GPT-OSS): one logit per query head
-    check_attention_call(module, query, attention_mask, dropout, kwargs)  # refuse what we do not implement
+    check_attention_call(module, query, attention_mask, dropout, kwargs, packs_bits(handle.layer.config))  # refuse what we do not implement
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     cache = handle.cache

@@ -175,6 +175,7 @@ class SparKLayer(CacheLayerMixin):
         self.store = BlockStore()
         self.keys_packer = self.values_packer = None  # chosen at prefill, when the layer type is known
         self.prefilled = False
+        self.prompt_open = False  # prefilled, and neither a one-token forward nor a crop since (chunked prefill)
         self.stats: dict = {}
         self.backend_report = ops.BackendReport(self.config.attention_backend)
         self.is_initialized = False
@@ -195,6 +196,7 @@ class SparKLayer(CacheLayerMixin):
         then, after prefill, moves storage on (`_advance`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_not_a_prompt_chunk(key_states.shape[2])
         self.store.append(key_states, value_states)
         if not self.prefilled:
             handle = CacheHandle(self, prompt=(self.store.tail_keys, self.store.tail_values), seen=self.store.seen)
@@ -202,6 +204,27 @@ class SparKLayer(CacheLayerMixin):
             handle = CacheHandle(self, blocks=self.store.parts(), seen=self.store.seen)
             self._advance()
         return handle, handle
+
+    def _check_not_a_prompt_chunk(self, q_len: int) -> None:
+        """Refuse the second chunk of a chunked prefill (transformers' `generate(..., prefill_chunk_size=N)`)
+        on a layer that evicts: the token budget was applied to the first chunk, and later chunks
+        would be stored without it. A forward of one token, a crop or `end_prompt()` closes the prompt."""
+        if q_len == 1:
+            self.prompt_open = False
+        if not (self.prompt_open and q_len > 1 and self.config.eviction is not None and not self.is_sliding):
+            return
+        raise ValueError(
+            f"a SparKCache with token eviction ({self.config.name}) compressed its prompt at the first forward "
+            f"({self.store.seen} tokens), and now {q_len} more tokens arrive before any generated one: this is "
+            "chunked prefill (generate(..., prefill_chunk_size=N)), whose later chunks the token budget would skip. "
+            "Prefill the prompt in one forward (prefill_chunk_size=None; the prefill is dense SDPA either way), "
+            "or, if these tokens are meant to follow a finished prompt uncompressed by eviction, call "
+            "cache.end_prompt() before this forward"
+        )
+
+    def end_prompt(self) -> None:
+        """The prompt is complete: later multi-token forwards are appended like generated tokens."""
+        self.prompt_open = False
 
     def get_seq_length(self) -> int:
         return self.store.seen
@@ -295,7 +318,7 @@ class SparKLayer(CacheLayerMixin):
         self.values_packer = value_packer(self.config, windowed)
         blocks, self.stats = compress_prompt(inputs, self.config, self.spec, self.keys_packer, self.values_packer)
         self.store.replace_tail(blocks)
-        self.prefilled = True
+        self.prefilled = self.prompt_open = True
 
     # --- decode -----------------------------------------------------------------------------
     def _advance(self) -> None:
@@ -351,6 +374,7 @@ class SparKLayer(CacheLayerMixin):
             self._clear()
             self.record_past = record_past
             return
+        self.prompt_open = False
         if n:
             needed_from = self.spec.first_needed(seen - n) if self.is_sliding else None
             self.store.remove_last(n, needed_from, self.spec.attention_type)
@@ -429,6 +453,13 @@ class SparKCache(Cache):
         handle, _ = self.layer(layer_idx).update(key_states, value_states)
         handle.cache = self
         return handle, handle
+
+    def end_prompt(self) -> None:
+        """Declare the prompt complete: later multi-token forwards (a question appended after a
+        compressed context) are appended like generated tokens, not refused as chunked prefill.
+        A one-token forward or a crop does the same implicitly."""
+        for layer in self.layers:
+            layer.end_prompt()
 
     def compress_prefill(self, layer_idx: int, inputs: PrefillInputs) -> None:
         """Prefill layer `layer_idx` from `inputs` without a model (benchmarks, `PrefillCapture`)."""
@@ -518,5 +549,6 @@ class PrefillCapture(SparKCache):
         for layer in self.layers:
             new = cache._new_layer(layer.layer_idx)
             new.compress_prefill(recorded[layer.layer_idx])
+            new.end_prompt()  # the recorded prompt is complete
             cache.layers.append(new)
         return cache

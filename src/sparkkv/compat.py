@@ -104,13 +104,16 @@ def model_name(module: torch.nn.Module) -> str:
 
 
 def check_attention_call(
-    module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float, kwargs: dict
+    module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float, kwargs: dict,
+    packs_bits: bool = True,
 ) -> None:
     """Refuse an attention call the packed path would answer differently from eager attention.
 
     The arguments are those the attention function received: the attention `module`, `query`
     `[B, Hq, q, D]`, `attention_mask` (None or `[B, 1 or H, q, S]`), the `dropout` probability and
-    the extra keyword arguments `kwargs`. Raises `UnsupportedModelError` naming the model and the
+    the extra keyword arguments `kwargs`; `packs_bits`: whether the cache's configuration stores bit
+    masks (SparK keys, pruned values), which need a head_dim that is a multiple of 8 (dense,
+    eviction-only and ThinK configurations take any). Raises `UnsupportedModelError` naming the model and the
     feature; returns None when the call is supported. Cheap (no tensor work): it runs at every
     attention call that reaches a SparKCache.
     """
@@ -126,7 +129,7 @@ def check_attention_call(
         problem = "a non-causal attention module (is_causal=False) given no attention mask"
     if problem is None and dropout:
         problem = f"attention dropout (p={dropout}; sparkkv is an inference cache: call model.eval())"
-    if problem is None and (query.shape[-1] < 8 or query.shape[-1] % 8):
+    if problem is None and packs_bits and (query.shape[-1] < 8 or query.shape[-1] % 8):
         problem = f"head_dim={query.shape[-1]} (the packed format needs a positive multiple of 8)"
     if problem is not None:
         raise UnsupportedModelError(model_name(module), f"uses {problem}")

@@ -49,8 +49,12 @@ def resolve_budgets(
 ) -> torch.Tensor:
     """Tokens each batch row keeps in this layer (per kv-head), window included: int64 `[B]`
     (`[1]` without a padding mask). `valid [B, S]` marks real tokens; `layer_index` /
-    `num_layers` place the layer among the full-attention layers (PyramidKV). Raises a
-    `ValueError` naming the budget when it cannot hold the SnapKV window or the sinks."""
+    `num_layers` place the layer among the full-attention layers (PyramidKV).
+
+    A budget at or above a row's length keeps the row. A fractional budget that comes to fewer
+    tokens than the policy always keeps (SnapKV's window, StreamingLLM's sinks + 1: a short prompt,
+    a chat server's "Hi") keeps that minimum, which is the whole prompt when the prompt is no
+    longer (logged at debug level); an int budget that small is refused by `SparKConfig`."""
     lengths = [prompt_len] if valid is None else [int(n) for n in valid.sum(-1).tolist()]
     policy = EVICTIONS[config.eviction]
     budget = config.token_budget
@@ -61,8 +65,14 @@ def resolve_budgets(
             out.append(length)  # nothing to evict
             continue
         if tokens < config.min_budget_tokens:
-            what = f"token_budget={budget}" + (f" of a {length}-token prompt ({tokens} tokens)" if isinstance(budget, float) else "")
-            raise ValueError(f"{what} {config.budget_floor_reason()}")
+            if not isinstance(budget, float):
+                raise ValueError(f"token_budget={budget} {config.budget_floor_reason()}")
+            log.debug("token_budget=%s of a %d-token prompt is %d tokens, fewer than %s always keeps: keeping %d",
+                      budget, length, tokens, config.eviction, min(config.min_budget_tokens, length))
+            tokens = config.min_budget_tokens
+            if tokens >= length:
+                out.append(length)
+                continue
         out.append(min(policy.layer_budget(config, tokens, length, layer_index, num_layers), length))
     return torch.tensor(out, dtype=torch.int64)
 

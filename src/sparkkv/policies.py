@@ -120,10 +120,15 @@ class PrunedValues(DenseValues):
 KEY_PACKERS = {"spark": SparKKeys, "think": ThinKKeys, "none": DenseKeys, "dense": DenseKeys}
 
 
+def packs_bits(config: SparKConfig) -> bool:
+    """Whether the configured packers store bit masks (one bit per channel, in bytes), so that the
+    head dim must be a multiple of 8; methods that pack no bits (dense, eviction only, ThinK) take any."""
+    return KEY_PACKERS[config.channel_policy].bit_packed or config.value_prune_ratio > 0
+
+
 def check_head_dim_for(config: SparKConfig, d: int) -> None:
-    """Refuse a head dim the configured packers cannot store (bit masks need a multiple of 8);
-    methods that pack no bits (dense, eviction only, ThinK) take any head dim."""
-    if KEY_PACKERS[config.channel_policy].bit_packed or config.value_prune_ratio > 0:
+    """Refuse a head dim the configured packers cannot store (see `packs_bits`)."""
+    if packs_bits(config):
         check_head_dim(d)
 
 
