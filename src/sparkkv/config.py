@@ -15,6 +15,8 @@ SALIENCY_FORMS = ("squared", "paper")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 SELECTIONS = ("ratio", "top_p", "grouped")
 RECOVERIES = ("mean", "zero", "constant", "exponential", "normal")
+QUANT_BITS = (16, 8, 4, 2)  # 16 = not quantized (the stored model dtype)
+MASK_FORMATS = ("bits", "trits")
 
 # Largest accepted `seed`. The cache seeds each compressed block with
 # `seed + 7919 * layer + 104729 * first_token` (sparkkv/cache.py) and `torch.Generator.manual_seed`
@@ -85,6 +87,19 @@ class SparKConfig:
         value_prune_ratio: fraction of value channels pruned per token with mean fill, in [0, 1)
             (0 = values stay dense, the default and the paper's headline setting).
         seed: seed of the sampled recoveries, an int in [0, 2**63 - 1] (`SEED_MAX`).
+        mask_format: how SparK stores which channels a token keeps and the signs of the pruned ones:
+            "bits" (a keep and a sign bit per channel, default) or "trits" (one ternary code per
+            channel, kept / pruned+ / pruned-, five per byte: 1.6 bits instead of 2; needs a signed
+            recovery, "mean" or "constant"). Lossless either way.
+
+    Quantization (sparkkv/quant.py; stacks with the channel policy, docs/quantization.md):
+        key_bits: bits of the stored key values, 16 (not quantized, default), 8, 4 or 2: SparK's
+            kept values (symmetric codes, groups along the row), ThinK's kept columns and dense keys
+            (method "none" or an eviction alone: groups of `quant_group_size` tokens per channel).
+        value_bits: bits of the stored values (dense or pruned), 16, 8, 4 or 2 (groups of
+            `quant_group_size` channels per token).
+        quant_group_size: elements per scale/zero group, a multiple of 8 in [8, 1024].
+        The dense tail of recent tokens (up to `block_size`) is never quantized.
 
     Decode:
         attention_backend: how attention reads the stored chunks after prefill (sparkkv/ops.py):
@@ -132,6 +147,10 @@ class SparKConfig:
     pool_kernel: int = 5
     pyramid_beta: float = 20.0
     sink_tokens: int = 4
+    key_bits: int = 16
+    value_bits: int = 16
+    quant_group_size: int = 64
+    mask_format: str = "bits"
 
     def __post_init__(self) -> None:
         eviction, channel = parse_method(self.method)
@@ -185,10 +204,39 @@ class SparKConfig:
             )
         if isinstance(budget, int) and eviction is not None and budget < self.min_budget_tokens:
             raise ValueError(f"token_budget={budget} {self.budget_floor_reason()}")
+        self._check_quantization(channel)
         if channel != "spark" and self.selection != "ratio":
             raise ValueError(f"selection={self.selection!r} applies to the 'spark' channel policy only, not {channel!r}")
         if self.value_prune_ratio > 0 and channel != "spark":
             raise ValueError(f"value_prune_ratio applies to the 'spark' channel policy only, not {channel!r}")
+
+    def _check_quantization(self, channel: str) -> None:
+        for name in ("key_bits", "value_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in QUANT_BITS:
+                raise ValueError(f"{name} must be one of {list(QUANT_BITS)} (16 = not quantized), got {value!r}")
+        _check_int("quant_group_size", self.quant_group_size, 8)
+        if self.quant_group_size > 1024 or self.quant_group_size % 8:
+            raise ValueError(f"quant_group_size must be a multiple of 8 in [8, 1024], got {self.quant_group_size}")
+        _check_choice("mask_format", self.mask_format, MASK_FORMATS)
+        quantized = self.key_bits < 16 or self.value_bits < 16
+        if quantized and channel == "dense":
+            raise ValueError("method 'dense' stores the cache as it is; for plain quantization use method='none' "
+                             "(no channel policy) with key_bits / value_bits")
+        if self.key_bits < 16 and channel == "spark" and self.selection != "ratio":
+            raise ValueError(f"key_bits={self.key_bits} quantizes fixed-T rows; selection={self.selection!r} keeps a "
+                             "variable number of channels per token (use selection='ratio')")
+        if self.key_bits < 16 and channel == "spark" and self.recovery in ("exponential", "normal"):
+            raise ValueError(f"key_bits={self.key_bits} cannot be combined with the sampled recovery {self.recovery!r}")
+        if self.mask_format == "trits" and (channel != "spark" or self.recovery not in ("mean", "constant")):
+            raise ValueError("mask_format='trits' codes SparK's keep mask with the pruned entries' signs: it needs "
+                             f"the 'spark' channel policy and recovery 'mean' or 'constant' (got {self.method!r}, "
+                             f"recovery={self.recovery!r})")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether keys or values are stored as integer codes."""
+        return self.key_bits < 16 or self.value_bits < 16
 
     # --- derived names -------------------------------------------------------------------------
     @property
@@ -237,6 +285,14 @@ class SparKConfig:
                 label += f" v{self.value_prune_ratio:g}"
             if self.recovery != "mean":
                 label += f" {self.recovery}"
+        if self.key_bits < 16:
+            label += f" kq{self.key_bits}"
+        if self.value_bits < 16:
+            label += f" vq{self.value_bits}"
+        if self.quantized and self.quant_group_size != 64:
+            label += f" g{self.quant_group_size}"
+        if self.mask_format != "bits":
+            label += f" {self.mask_format}"
         if self.token_budget is not None:
             label += f" b{self.token_budget:g}"
         return label

@@ -6,9 +6,12 @@ A `PackedTensor` stands for a `[B, H, S, D]` tensor (keys, or values) in which e
     vals   kept values, model dtype, row-major with ascending channels inside a row.
            Fixed T per row: shape [B, H, S, T]. Variable T (top-p / grouped selection): a flat
            1-D tensor of all kept values, so no row is padded; row boundaries follow from the
-           keep mask (row r owns popcount(keep[r]) values).
+           keep mask (row r owns popcount(keep[r]) values). Fixed T only: or their 8/4/2-bit
+           codes, a `quant.QuantizedTensor` [B, H, S, T] with one scale (and zero) per row group.
     keep   uint8 [B, H, S, D/8]: bit (c % 8) of byte (c // 8) is set when channel c is kept.
     sign   uint8 [B, H, S, D/8] or None: bit set when the pruned entry is positive.
+    trits  uint8 [B, H, S, ceil(D/5)] or None: keep and sign in one ternary code, 1.6 bits per
+           channel (`pack_trits`); when stored, `keep` and `sign` are None.
     scale  [B, H, S] model dtype, or None: one recovery magnitude per row.
     chan   float32 [B, H, D], or None: one factor per channel, shared by all rows of a head.
     fill   1-D model dtype, or None: explicit pruned entries (sampled recoveries only).
@@ -23,7 +26,8 @@ zero recovery stores none of them; value pruning with mean fill stores `scale` o
 base storage alive, so every field is an owning, compact tensor).
 
 Every stored chunk -- `DenseChunk` (a plain tensor), `PackedTensor` (SparK keys, pruned values),
-`ColumnPackedTensor` (ThinK keys) -- implements one small protocol, `Chunk`: its shape, length and
+`ColumnPackedTensor` (ThinK keys), `quant.QuantizedTensor` (quantized dense keys or values) --
+implements one small protocol, `Chunk`: its shape, length and
 dtype, `dense()` (what attention sees), `kept_per_row()`, `slice_seq` / `index_batch` (crop, beam
 search), `to(device)` and `tensors()` / `nbytes`. The cache stores chunks and reads them through
 this protocol only; what a fused kernel reads from each kind is decided in `kernels/operands.py`.
@@ -38,6 +42,9 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
+
+from .quant import QuantizedTensor
+from .tensors import compact, storage_nbytes
 
 # Bit weights of one byte: channel c of a row lives in byte c // 8 at bit c % 8.
 _BIT_WEIGHTS = tuple(1 << i for i in range(8))
@@ -71,25 +78,29 @@ def popcount_rows(bits: torch.Tensor) -> torch.Tensor:
     return table[bits.long()].sum(-1)
 
 
-def storage_nbytes(*tensors: torch.Tensor | None) -> int:
-    """Bytes held by the storages behind `tensors` (each storage counted once)."""
-    seen: dict[tuple, int] = {}
-    for t in tensors:
-        if t is None:
-            continue
-        storage = t.untyped_storage()
-        seen[(storage.data_ptr(), t.device)] = storage.nbytes()
-    return sum(seen.values())
+# Ternary mask code: channel c of a row is 0 (kept), 1 (pruned, negative) or 2 (pruned, positive);
+# five channels share a byte, `sum_j trit[5i + j] * 3^j` (3^5 = 243 <= 256), the last byte padded with
+# kept (0) trits: ceil(D / 5) bytes per row, 1.6 bits per channel instead of the 2 of keep + sign bits.
+_POW3 = (1, 3, 9, 27, 81)
 
 
-def compact(t: torch.Tensor | None) -> torch.Tensor | None:
-    """`t` itself if it owns exactly its storage, else a compact copy (a view, even a zero-length
-    slice, keeps its whole base storage alive)."""
-    if t is None:
-        return None
-    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    return t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+def pack_trits(keep: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """bool `keep [..., D]` and `positive [..., D]` -> uint8 `[..., ceil(D / 5)]` (see above)."""
+    d = keep.shape[-1]
+    trit = torch.where(keep, 0, torch.where(positive, 2, 1)).to(torch.uint8)
+    pad = (-d) % 5
+    if pad:
+        trit = torch.cat([trit, trit.new_zeros(*trit.shape[:-1], pad)], dim=-1)
+    weights = torch.tensor(_POW3, dtype=torch.uint8, device=keep.device)
+    return (trit.reshape(*trit.shape[:-1], -1, 5) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_trits(trits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 `[..., ceil(dim / 5)]` -> `(keep, positive)`, bool `[..., dim]` each."""
+    weights = torch.tensor(_POW3, dtype=torch.int32, device=trits.device)
+    digits = (trits.int().unsqueeze(-1) // weights) % 3
+    digits = digits.reshape(*trits.shape[:-1], -1)[..., :dim]
+    return digits == 0, digits == 2
 
 
 def scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,17 +188,20 @@ class PackedTensor:
 
     shape: tuple[int, int, int, int]
     dtype: torch.dtype
-    vals: torch.Tensor
-    keep: torch.Tensor
+    vals: torch.Tensor  # or a `quant.QuantizedTensor` [B, H, S, T] (fixed T only)
+    keep: torch.Tensor | None
     sign: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     chan: torch.Tensor | None = None
     fill: torch.Tensor | None = None
+    trits: torch.Tensor | None = None  # keep and sign in one ternary code (then keep = sign = None)
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(x) for x in self.shape)
-        for name in ("vals", "keep", "sign", "scale", "chan", "fill"):
+        for name in ("keep", "sign", "scale", "chan", "fill", "trits"):
             setattr(self, name, compact(getattr(self, name)))
+        if isinstance(self.vals, torch.Tensor):
+            self.vals = compact(self.vals)
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -227,19 +241,39 @@ class PackedTensor:
             fill=None if fill is None else fill.to(x.dtype)[~keep],
         )
 
+    def with_trits(self) -> "PackedTensor":
+        """The same tensor with its keep mask and pruned signs in one ternary code (`pack_trits`:
+        1.6 bits per channel instead of 2). Needs stored signs."""
+        if self.sign is None:
+            raise ValueError("a ternary mask code needs the pruned entries' signs (mean or constant recovery)")
+        trits = pack_trits(self.keep_mask(), self.positive_mask())
+        return replace(self, keep=None, sign=None, trits=trits)
+
+    def with_quantized_vals(self, bits: int, group: int, symmetric: bool) -> "PackedTensor":
+        """The same tensor with its kept values as `bits`-bit codes, one scale (and zero) per row
+        group of `group` values (`quant.QuantizedTensor`, axis "row"). Fixed T, no explicit fill."""
+        if self.fixed_t is None or self.fill is not None or not isinstance(self.vals, torch.Tensor):
+            raise ValueError("kept values are quantized for fixed-T packed tensors without explicit fill values")
+        return replace(self, vals=QuantizedTensor.quantize(self.vals, bits, group, "row", symmetric))
+
     # --- reading ---------------------------------------------------------------------------
     @property
     def fixed_t(self) -> int | None:
         """Kept channels per row when every row keeps the same number, else None."""
-        return self.vals.shape[-1] if self.vals.dim() == 4 else None
+        return self.vals.shape[-1] if len(self.vals.shape) == 4 else None
 
     @property
     def seq_len(self) -> int:
         return self.shape[2]
 
+    @property
+    def device(self) -> torch.device:
+        return (self.keep if self.keep is not None else self.trits).device
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this object holds (for byte accounting)."""
-        return [t for t in (self.vals, self.keep, self.sign, self.scale, self.chan, self.fill) if t is not None]
+        vals = self.vals.tensors() if isinstance(self.vals, QuantizedTensor) else [self.vals]
+        return vals + [t for t in (self.keep, self.sign, self.scale, self.chan, self.fill, self.trits) if t is not None]
 
     @property
     def nbytes(self) -> int:
@@ -248,27 +282,43 @@ class PackedTensor:
 
     def keep_mask(self) -> torch.Tensor:
         """bool `[B, H, S, D]`: True where a channel is kept."""
+        if self.trits is not None:
+            return unpack_trits(self.trits, self.shape[-1])[0]
         return unpack_bits(self.keep, self.shape[-1])
+
+    def positive_mask(self) -> torch.Tensor | None:
+        """bool `[B, H, S, D]`: True where a pruned entry is positive (None without stored signs)."""
+        if self.trits is not None:
+            return unpack_trits(self.trits, self.shape[-1])[1]
+        return None if self.sign is None else unpack_bits(self.sign, self.shape[-1])
 
     def kept_per_row(self) -> torch.Tensor:
         """int64 `[B, H, S]`: kept channels of every row."""
+        if self.trits is not None:
+            return self.keep_mask().sum(-1)
         return popcount_rows(self.keep)
+
+    def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The kept values (`[B, H, S, T]`, or flat for variable T), dequantized if they are codes."""
+        if isinstance(self.vals, QuantizedTensor):
+            return self.vals.dense(dtype or self.dtype)
+        return self.vals if dtype is None else self.vals.to(dtype)
 
     def fill_values(self, keep: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The recovered entries as a dense `[B, H, S, D]` tensor (kept positions hold filler),
         computed in float32 and returned in `dtype` (default: the stored dtype)."""
-        b, h, s, d = self.shape
-        device = self.keep.device
+        device = self.device
         dtype = dtype or self.dtype
         if keep is None:
             keep = self.keep_mask()
         if self.fill is not None:
             out = torch.zeros(self.shape, dtype=dtype, device=device)
             return out.masked_scatter_(~keep, self.fill.to(dtype))
-        if self.sign is None and self.scale is None and self.chan is None:
+        positive = self.positive_mask()
+        if positive is None and self.scale is None and self.chan is None:
             return torch.zeros(self.shape, dtype=dtype, device=device)
-        if self.sign is not None:
-            out = unpack_bits(self.sign, d).float().mul_(2).sub_(1)
+        if positive is not None:
+            out = positive.float().mul_(2).sub_(1)
         else:
             out = torch.ones(self.shape, dtype=torch.float32, device=device)
         if self.scale is not None:
@@ -281,20 +331,23 @@ class PackedTensor:
         """The `[B, H, S, D]` tensor attention sees: kept values in place, pruned entries recovered.
 
         In the stored dtype by default (recovered entries rounded to it, as the PyTorch attention
-        path uses them); `dtype=torch.float32` keeps them unrounded, as the fused kernels do."""
+        path uses them); `dtype=torch.float32` keeps them unrounded, as the fused kernels do.
+        Quantized kept values are dequantized in float32."""
         keep = self.keep_mask()
         out = self.fill_values(keep, dtype)
-        return out.masked_scatter_(keep, self.vals.to(out.dtype))
+        vals = self.kept_values(torch.float32) if isinstance(self.vals, QuantizedTensor) else self.vals
+        return out.masked_scatter_(keep, vals.to(out.dtype))
 
     def full_vals(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Kept values scattered to `[B, H, S, D]` with zeros elsewhere."""
         if keep is None:
             keep = self.keep_mask()
-        return torch.zeros(self.shape, dtype=self.dtype, device=self.keep.device).masked_scatter_(keep, self.vals)
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device).masked_scatter_(keep, self.kept_values())
 
     # --- structural operations (crop, beam search, batch selection) -------------------------
     def _rebuild(self, row_op, chan_op) -> "PackedTensor":
-        """Apply `row_op` to every per-row field (a `[B, H, S, X]` tensor -> `[B', H, S', X]`)."""
+        """Variable T or explicit fill: apply `row_op` (a `[B, H, S, X]` tensor -> `[B', H, S', X]`)
+        to the dense masks and values, and pack again."""
         keep = self.keep_mask()
         new_keep = row_op(keep)
         vals = row_op(self.full_vals(keep))[new_keep]
@@ -304,64 +357,63 @@ class PackedTensor:
         if self.fill is not None:
             full_fill = torch.zeros(self.shape, dtype=self.dtype, device=keep.device).masked_scatter_(~keep, self.fill)
             fill = row_op(full_fill)[~new_keep]
+        trits = None if self.trits is None else pack_trits(new_keep, row_op(self.positive_mask()))
         return replace(
             self,
             shape=tuple(new_keep.shape),
             vals=vals,
-            keep=pack_bits(new_keep),
+            keep=None if trits is not None else pack_bits(new_keep),
             sign=None if self.sign is None else row_op(self.sign),
             scale=None if self.scale is None else row_op(self.scale.unsqueeze(-1)).squeeze(-1),
             chan=None if self.chan is None else chan_op(self.chan),
             fill=fill,
+            trits=trits,
         )
 
-    def _map_rows(self, row_op, chan_op) -> "PackedTensor":
-        """Fixed T: apply `row_op` to every per-row field directly (no rebuild)."""
+    def _map_rows(self, row_op, chan_op, vals_op) -> "PackedTensor":
+        """Fixed T: apply `row_op` to every per-row field directly (no rebuild); `vals_op` to
+        quantized kept values."""
         opt = lambda t, op: None if t is None else op(t)  # noqa: E731
-        keep = row_op(self.keep)
+        quantized = isinstance(self.vals, QuantizedTensor)
+        vals = vals_op(self.vals) if quantized else row_op(self.vals)
         return replace(
             self,
-            shape=(*keep.shape[:3], self.shape[3]),
-            vals=row_op(self.vals),
-            keep=keep,
+            shape=(*vals.shape[:3], self.shape[3]),
+            vals=vals,
+            keep=opt(self.keep, row_op),
             sign=opt(self.sign, row_op),
             scale=opt(self.scale, lambda t: row_op(t.unsqueeze(-1)).squeeze(-1)),
             chan=opt(self.chan, chan_op),
+            trits=opt(self.trits, row_op),
         )
 
     def index_batch(self, index: torch.Tensor) -> "PackedTensor":
         """Rows of the batch in the order of `index` (may repeat: beam search)."""
-        index = index.to(self.keep.device)
+        index = index.to(self.device)
         op = lambda t: t.index_select(0, index)  # noqa: E731
         if self.fixed_t is not None and self.fill is None:
-            return self._map_rows(op, op)
+            return self._map_rows(op, op, lambda q: q.index_batch(index))
         return self._rebuild(op, op)
 
     def slice_seq(self, start: int, stop: int) -> "PackedTensor":
         """Tokens `start:stop` along the sequence axis (a compact copy)."""
         op = lambda t: t[:, :, start:stop].contiguous().clone()  # noqa: E731
         if self.fixed_t is not None and self.fill is None:
-            return self._map_rows(op, lambda c: c)
+            return self._map_rows(op, lambda c: c, lambda q: q.slice_seq(start, stop))
         return self._rebuild(op, lambda c: c)
 
     def to(self, device) -> "PackedTensor":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(
-            self,
-            vals=move(self.vals),
-            keep=move(self.keep),
-            sign=move(self.sign),
-            scale=move(self.scale),
-            chan=move(self.chan),
-            fill=move(self.fill),
-        )
+        return replace(self, vals=self.vals.to(device), keep=move(self.keep), sign=move(self.sign), scale=move(self.scale),
+                       chan=move(self.chan), fill=move(self.fill), trits=move(self.trits))
 
 
 @dataclass
 class ColumnPackedTensor:
     """Structured channel pruning (ThinK): every row of a (batch, head) keeps the same columns.
 
-    vals  `[B, H, S, T]` model dtype, the kept columns in ascending channel order;
+    vals  `[B, H, S, T]` model dtype, the kept columns in ascending channel order, or their
+          `quant.QuantizedTensor` (groups of tokens per column, as dense keys are quantized);
     idx   `[B, H, T]` int16, which channels they are. Pruned entries are zero. No per-row mask.
     """
 
@@ -371,7 +423,9 @@ class ColumnPackedTensor:
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(x) for x in self.shape)
-        self.vals, self.idx = compact(self.vals), compact(self.idx)
+        self.idx = compact(self.idx)
+        if isinstance(self.vals, torch.Tensor):
+            self.vals = compact(self.vals)
 
     @classmethod
     def from_dense(cls, x: torch.Tensor, idx: torch.Tensor) -> "ColumnPackedTensor":
@@ -380,6 +434,10 @@ class ColumnPackedTensor:
         vals = x.gather(-1, idx.long().unsqueeze(2).expand(b, h, s, idx.shape[-1]))
         # int16 indices; an int16 `idx` passes through as the same tensor, so blocks share it
         return cls(shape=tuple(x.shape), vals=vals, idx=idx if idx.dtype == torch.int16 else idx.to(torch.int16))
+
+    def with_quantized_vals(self, bits: int, group: int) -> "ColumnPackedTensor":
+        """The kept columns as `bits`-bit codes, one scale and zero per column and group of `group` tokens."""
+        return replace(self, vals=QuantizedTensor.quantize(self.vals, bits, group, "token"))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -394,29 +452,39 @@ class ColumnPackedTensor:
         return self.idx.shape[-1]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.vals, self.idx]
+        vals = self.vals.tensors() if isinstance(self.vals, QuantizedTensor) else [self.vals]
+        return vals + [self.idx]
 
     @property
     def nbytes(self) -> int:
-        return storage_nbytes(self.vals, self.idx)
+        return storage_nbytes(*self.tensors())
+
+    def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The kept columns `[B, H, S, T]`, dequantized if they are codes."""
+        if isinstance(self.vals, QuantizedTensor):
+            return self.vals.dense(dtype)
+        return self.vals if dtype is None else self.vals.to(dtype)
 
     def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         b, h, s, d = self.shape
         index = self.idx.long().unsqueeze(2).expand(b, h, s, self.idx.shape[-1])
-        dtype = dtype or self.vals.dtype
-        return torch.zeros(self.shape, dtype=dtype, device=self.vals.device).scatter_(-1, index, self.vals.to(dtype))
+        dtype = dtype or self.dtype
+        return torch.zeros(self.shape, dtype=dtype, device=self.idx.device).scatter_(-1, index, self.kept_values(dtype))
 
     def kept_per_row(self) -> torch.Tensor:
         b, h, s, _ = self.shape
-        return torch.full((b, h, s), self.fixed_t, dtype=torch.int64, device=self.vals.device)
+        return torch.full((b, h, s), self.fixed_t, dtype=torch.int64, device=self.idx.device)
 
     def index_batch(self, index: torch.Tensor) -> "ColumnPackedTensor":
-        index = index.to(self.vals.device)
-        vals = self.vals.index_select(0, index)
+        index = index.to(self.idx.device)
+        vals = self.vals.index_batch(index) if isinstance(self.vals, QuantizedTensor) else self.vals.index_select(0, index)
         return ColumnPackedTensor((vals.shape[0], *self.shape[1:]), vals, self.idx.index_select(0, index))
 
     def slice_seq(self, start: int, stop: int) -> "ColumnPackedTensor":
-        vals = self.vals[:, :, start:stop].contiguous().clone()
+        if isinstance(self.vals, QuantizedTensor):
+            vals = self.vals.slice_seq(start, stop)
+        else:
+            vals = self.vals[:, :, start:stop].contiguous().clone()
         return ColumnPackedTensor((*self.shape[:2], vals.shape[2], self.shape[3]), vals, self.idx)
 
     def to(self, device) -> "ColumnPackedTensor":

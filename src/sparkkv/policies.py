@@ -8,9 +8,12 @@ knowing which one it holds:
     packer.tensors() / index_batch(index)                          what it holds (bytes, beam search)
 
 Key packers: `SparKKeys` (per-token channel pruning with recovery, `method.py`), `ThinKKeys`
-(one channel set per head, chosen on the prompt), `DenseKeys` (eviction only, dense, or a sliding
-layer with `compress_sliding=False`). Value packers: `PrunedValues` (`value_prune_ratio > 0`),
-`DenseValues`.
+(one channel set per head, chosen on the prompt), `QuantizedKeys` (no channel policy, `key_bits <
+16`: per-channel codes over groups of tokens, as KIVI), `DenseKeys` (eviction only, dense, or a
+sliding layer with `compress_sliding=False`). SparK and ThinK quantize their kept values when
+`key_bits < 16` (`quant.py`). Value packers: `PrunedValues` (`value_prune_ratio > 0`),
+`QuantizedValues` (`value_bits < 16`: per-token codes), `DenseValues`; pruned values are quantized
+too when `value_bits < 16`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from .config import SparKConfig
 from .method import _compress_keys, _compress_values, check_head_dim, think_keep_mask, window_query_norm
 from .packed import ColumnPackedTensor, DenseChunk
+from .quant import QuantizedTensor
 
 
 class DenseKeys:
@@ -68,6 +72,10 @@ class SparKKeys(DenseKeys):
         packed = _compress_keys(keys, self.qn, config, torch.Generator().manual_seed(seed))
         if like is not None and packed.chan is not None and torch.equal(like.chan, packed.chan):
             packed.chan = like.chan  # one per-head vector for all chunks, not one per block
+        if config.mask_format == "trits":
+            packed = packed.with_trits()
+        if config.key_bits < 16:  # the kept values are the salient ones: symmetric codes, no level at 0
+            packed = packed.with_quantized_vals(config.key_bits, config.quant_group_size, symmetric=True)
         return packed
 
 
@@ -85,7 +93,10 @@ class ThinKKeys(DenseKeys):
         if self.channels is None:  # chosen once, from the prompt, for all tokens
             idx = think_keep_mask(keys, self.qn.pow(2), self.config.key_prune_ratio, token_mask)
             self.channels = idx.to(torch.int16)
-        return ColumnPackedTensor.from_dense(keys, self.channels)
+        chunk = ColumnPackedTensor.from_dense(keys, self.channels)
+        if self.config.key_bits < 16:
+            chunk = chunk.with_quantized_vals(self.config.key_bits, self.config.quant_group_size)
+        return chunk
 
     def tensors(self) -> list[torch.Tensor]:
         return super().tensors() + ([] if self.channels is None else [self.channels])
@@ -94,6 +105,14 @@ class ThinKKeys(DenseKeys):
         super().index_batch(index)
         if self.channels is not None:
             self.channels = self.channels.index_select(0, index)
+
+
+class QuantizedKeys(DenseKeys):
+    """Keys as `key_bits`-bit codes, one scale and zero per channel and group of `quant_group_size`
+    tokens (per-channel, as KIVI found essential for keys: a few channels carry outliers)."""
+
+    def pack(self, keys, first_token, token_mask=None, like=None):
+        return QuantizedTensor.quantize(keys, self.config.key_bits, self.config.quant_group_size, "token")
 
 
 class DenseValues:
@@ -114,7 +133,19 @@ class PrunedValues(DenseValues):
     bit_packed = True
 
     def pack(self, values, token_mask=None):
-        return _compress_values(values, self.config.value_prune_ratio, token_mask)
+        packed = _compress_values(values, self.config.value_prune_ratio, token_mask)
+        if self.config.value_bits < 16:
+            packed = packed.with_quantized_vals(self.config.value_bits, self.config.quant_group_size, symmetric=False)
+        return packed
+
+
+class QuantizedValues(DenseValues):
+    """Values as `value_bits`-bit codes, one scale and zero per token and group of `quant_group_size` channels."""
+
+    bit_packed = False
+
+    def pack(self, values, token_mask=None):
+        return QuantizedTensor.quantize(values, self.config.value_bits, self.config.quant_group_size, "row")
 
 
 KEY_PACKERS = {"spark": SparKKeys, "think": ThinKKeys, "none": DenseKeys, "dense": DenseKeys}
@@ -134,11 +165,18 @@ def check_head_dim_for(config: SparKConfig, d: int) -> None:
 
 def key_packer(config: SparKConfig, layer_idx: int, windowed: bool = False) -> DenseKeys:
     """The key packer of a layer (`windowed`: a sliding or chunked layer, dense unless `compress_sliding`)."""
-    cls = DenseKeys if windowed and not config.compress_sliding else KEY_PACKERS[config.channel_policy]
+    if windowed and not config.compress_sliding:
+        return DenseKeys(config, layer_idx)
+    cls = KEY_PACKERS[config.channel_policy]
+    if cls is DenseKeys and config.key_bits < 16:
+        cls = QuantizedKeys
     return cls(config, layer_idx)
 
 
 def value_packer(config: SparKConfig, windowed: bool = False) -> DenseValues:
     """The value packer of a layer."""
-    pruned = config.value_prune_ratio > 0 and (config.compress_sliding or not windowed)
-    return PrunedValues(config) if pruned else DenseValues(config)
+    if windowed and not config.compress_sliding:
+        return DenseValues(config)
+    if config.value_prune_ratio > 0:
+        return PrunedValues(config)
+    return QuantizedValues(config) if config.value_bits < 16 else DenseValues(config)

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..packed import ColumnPackedTensor, DenseChunk, PackedTensor
+from ..quant import QuantizedTensor
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,11 +47,11 @@ def _plain(chunk):
 
 
 def device_of(x) -> torch.device:
-    return x.vals.device if isinstance(x, PackedTensor) else x.device
+    return x.device
 
 
 def dtype_of(x) -> torch.dtype:
-    return x.vals.dtype if isinstance(x, PackedTensor) else x.dtype
+    return x.dtype
 
 
 def operand_problem(name: str, x, device_ok: Callable[[torch.device], bool], where: str) -> str | None:
@@ -59,8 +60,14 @@ def operand_problem(name: str, x, device_ok: Callable[[torch.device], bool], whe
     if isinstance(x, PackedTensor):
         if x.fill is not None:
             return f"{name} store explicit per-entry fill values (sampled recovery), which the kernel does not rebuild"
+        if x.trits is not None:
+            return f"packed {name} store a ternary mask code, which the kernel does not read"
+        if not isinstance(x.vals, torch.Tensor):
+            return f"packed {name} store quantized kept values, which the kernel does not read"
         if x.shape[-1] % 8:
             return f"packed {name} have head_dim {x.shape[-1]}, not a multiple of 8"
+    elif isinstance(x, QuantizedTensor):
+        return f"{name} are {x.bits}-bit codes, which the kernel does not read"
     elif not isinstance(x, torch.Tensor):
         return f"the kernel reads PackedTensor or dense tensors, not {type(x).__name__} {name}"
     elif x.dim() != 4:

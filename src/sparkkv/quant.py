@@ -1,0 +1,200 @@
+"""Quantized storage: integer codes of 8, 4 or 2 bits, really packed, with a scale (and a zero) per group.
+
+A `QuantizedTensor` stands for a `[B, H, S, N]` tensor (dense keys or values, or the `vals` field of
+a packed chunk: SparK's kept key values, pruned values, ThinK's kept columns). It stores:
+
+    codes  uint8 [B, H, S, ceil(N * bits / 8)]: element n of a row is bits `(n * bits) % 8 ...` of
+           byte `(n * bits) // 8` (little-endian inside the byte: for 4 bits the low nibble is the
+           even element; for 2 bits, element n sits at bit 2 * (n % 4)). Rows are byte-aligned, so
+           a kernel reads one token's codes at `row * ceil(N * bits / 8)`.
+    scale  per group, float16 (bfloat16 for bfloat16 models: their range), shape below
+    zero   per group, same dtype and shape, or None (symmetric codes, below)
+    axis   how groups are laid out:
+             "row"    `group` consecutive elements of one token:  scale [B, H, S, ceil(N / group)]
+             "token"  `group` consecutive tokens of one element:  scale [B, H, ceil((offset + S) / group), N]
+                      (KIVI's per-channel key quantization); token s is in group `(offset + s) // group`,
+                      `offset` < group being where the tensor starts inside its first group, so a
+                      slice along the sequence keeps its groups exactly.
+
+A code `c` in [0, 2^bits - 1] is dequantized as `c * scale + zero`; without a stored zero the codes
+are symmetric "mid-rise" levels `(c - (2^bits - 1) / 2) * scale` (no level at 0: SparK's kept key
+values are the salient entries, never near zero, and 2 bits keep four levels instead of three).
+Quantization is round-to-nearest over each group's range: asymmetric `[min, max]`, or symmetric
+`[-max|x|, max|x|]`. `nbytes` counts the storages (codes, scale, zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .tensors import compact, storage_nbytes
+
+BITS = (8, 4, 2)
+AXES = ("row", "token")
+
+
+def quant_scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the per-group scale and zero: bfloat16 for bfloat16 models (same range), else float16."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int `[..., N]` codes in [0, 2^bits) -> uint8 `[..., ceil(N * bits / 8)]` (module docstring)."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    per = 8 // bits
+    n = codes.shape[-1]
+    pad = (-n) % per
+    c = codes.to(torch.uint8)
+    if pad:
+        c = torch.cat([c, c.new_zeros(*c.shape[:-1], pad)], dim=-1)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=c.device)
+    return (c << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """uint8 `[..., ceil(n * bits / 8)]` -> uint8 codes `[..., n]`."""
+    if bits == 8:
+        return packed[..., :n]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))[..., :n]
+
+
+def _group_view(x: torch.Tensor, axis: str, group: int) -> torch.Tensor:
+    """`x [B, H, S, N]` float32 -> its groups on the last axis: `[B, H, S, G, group]` ("row") or
+    `[B, H, G, N, group]` ("token"). A last partial group is padded by repeating its edge element,
+    which changes no group statistic."""
+    b, h, s, n = x.shape
+    if axis == "row":
+        pad = (-n) % group
+        if pad:
+            x = torch.nn.functional.pad(x.reshape(b * h * s, 1, n), (0, pad), mode="replicate").reshape(b, h, s, n + pad)
+        return x.reshape(b, h, s, -1, group)
+    pad = (-s) % group
+    t = x.transpose(2, 3)  # [B, H, N, S]
+    if pad:
+        t = torch.nn.functional.pad(t.reshape(b * h, n, s), (0, pad), mode="replicate").reshape(b, h, n, s + pad)
+    return t.reshape(b, h, n, -1, group).transpose(2, 3)  # [B, H, G, N, group]
+
+
+def _ungroup(g: torch.Tensor, axis: str, shape) -> torch.Tensor:
+    b, h, s, n = shape
+    if axis == "row":
+        return g.reshape(b, h, s, -1)[..., :n]
+    return g.transpose(3, 4).reshape(b, h, -1, n)[:, :, :s]
+
+
+def _expand(stat: torch.Tensor, axis: str, shape, group: int, offset: int = 0) -> torch.Tensor:
+    """A per-group statistic broadcast to every element of `shape [B, H, S, N]`."""
+    b, h, s, n = shape
+    if axis == "row":
+        return stat.repeat_interleave(group, dim=-1)[..., :n]
+    return stat.repeat_interleave(group, dim=2)[:, :, offset : offset + s]
+
+
+@dataclass
+class QuantizedTensor:
+    """A `[B, H, S, N]` tensor as packed integer codes with per-group scales (module docstring)."""
+
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype  # what `dense()` returns by default (the model dtype)
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group: int
+    axis: str = "row"
+    offset: int = 0  # axis "token": the first token's place in its group
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(x) for x in self.shape)
+        self.codes, self.scale, self.zero = compact(self.codes), compact(self.scale), compact(self.zero)
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor, bits: int, group: int, axis: str = "row", symmetric: bool = False) -> "QuantizedTensor":
+        """Round `x [B, H, S, N]` to `bits`-bit codes, one scale (and zero, unless `symmetric`) per
+        group of `group` elements along `axis`. Statistics are computed in float32."""
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        if axis not in AXES:
+            raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+        levels = (1 << bits) - 1
+        sdtype = quant_scale_dtype(x.dtype)
+        big, eps = torch.finfo(sdtype).max, torch.finfo(sdtype).eps  # statistics beyond the range saturate
+        g = _group_view(x.float(), axis, group)
+        # The stored zero is rounded down and the scale up (by one unit of the scale dtype's precision),
+        # so every element's code lies in [0, 2^bits - 1] and its error stays within half a step.
+        if symmetric:
+            scale = (2 * g.abs().amax(-1) / levels * (1 + eps)).clamp(max=big).to(sdtype)
+            s = scale.float().unsqueeze(-1)
+            codes = torch.round(g / torch.where(s > 0, s, 1.0) + levels / 2)
+            zero = None
+        else:
+            lo = g.amin(-1)
+            zero = (lo - lo.abs() * eps).clamp(-big, big).to(sdtype)
+            scale = ((g.amax(-1) - zero.float()) / levels * (1 + eps)).clamp(max=big).to(sdtype)
+            s = scale.float().unsqueeze(-1)
+            codes = torch.round((g - zero.float().unsqueeze(-1)) / torch.where(s > 0, s, 1.0))
+        # a non-finite entry makes its group's statistics non-finite, so it spreads over its group on
+        # reading (as NaN/inf spread in attention); its code is arbitrary
+        codes = codes.nan_to_num(nan=0.0, posinf=levels, neginf=0.0).clamp_(0, levels)
+        codes = _ungroup(codes, axis, x.shape)
+        return cls(tuple(x.shape), x.dtype, pack_codes(codes, bits), scale, zero, bits, group, axis)
+
+    # --- reading ---------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self.shape[2]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scale, self.zero) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return storage_nbytes(*self.tensors())
+
+    def int_codes(self) -> torch.Tensor:
+        """uint8 `[B, H, S, N]`: the codes, one per element."""
+        return unpack_codes(self.codes, self.bits, self.shape[-1])
+
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized `[B, H, S, N]` tensor, computed in float32 and returned in `dtype`
+        (default: the stored model dtype)."""
+        c = self.int_codes().float()
+        scale = _expand(self.scale.float(), self.axis, self.shape, self.group, self.offset)
+        if self.zero is None:
+            out = (c - ((1 << self.bits) - 1) / 2) * scale
+        else:
+            out = c * scale + _expand(self.zero.float(), self.axis, self.shape, self.group, self.offset)
+        return out.to(dtype or self.dtype)
+
+    def kept_per_row(self) -> torch.Tensor:
+        b, h, s, n = self.shape
+        return torch.full((b, h, s), n, dtype=torch.int64, device=self.codes.device)
+
+    # --- structural operations -------------------------------------------------------------
+    def slice_seq(self, start: int, stop: int) -> "QuantizedTensor":
+        """Tokens `start:stop` (a compact copy; groups along tokens are kept exactly)."""
+        codes = self.codes[:, :, start:stop].contiguous().clone()
+        shape = (*self.shape[:2], codes.shape[2], self.shape[3])
+        if self.axis == "row":
+            cut = lambda t: None if t is None else t[:, :, start:stop].contiguous().clone()  # noqa: E731
+            return replace(self, shape=shape, codes=codes, scale=cut(self.scale), zero=cut(self.zero))
+        first, last = (self.offset + start) // self.group, (self.offset + max(stop, start + 1) - 1) // self.group
+        cut = lambda t: None if t is None else t[:, :, first : last + 1].contiguous().clone()  # noqa: E731
+        return replace(self, shape=shape, codes=codes, scale=cut(self.scale), zero=cut(self.zero),
+                       offset=(self.offset + start) % self.group)
+
+    def index_batch(self, index: torch.Tensor) -> "QuantizedTensor":
+        index = index.to(self.codes.device)
+        pick = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return replace(self, shape=(len(index), *self.shape[1:]), codes=pick(self.codes), scale=pick(self.scale),
+                       zero=pick(self.zero))
+
+    def to(self, device) -> "QuantizedTensor":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, codes=move(self.codes), scale=move(self.scale), zero=move(self.zero))
