@@ -75,11 +75,12 @@ def test_quantize_matches_the_format_and_rounds_to_nearest(seed, shape, axis, sy
     # round to nearest over the group's range: at most half a step (plus the scale's own rounding)
     b, h, s, n = shape
     scale = q.scale.double()
-    step = scale.repeat_interleave(group, -1)[..., :n] if axis == "row" else scale.repeat_interleave(group, 2)[:, :, :s]
+    step = scale.repeat_interleave(group, -1)[..., :n] if axis == "row" else scale.repeat_interleave(group, 2)[:, :, q.offset : q.offset + s]
     slack = 0.5 * step * (1 + 2 ** -7) + 1e-3 * x.double().abs().amax()
     assert ((want - x.double()).abs() <= slack).all()
     # bytes: codes, scale (and zero), nothing else
     groups = (s * math.ceil(n / group)) if axis == "row" else (math.ceil(s / group) * n)
+    assert q.offset == (0 if axis == "row" else (-s) % group)  # token groups end at the last token
     expected = b * h * (s * math.ceil(n * bits / 8) + groups * (1 if symmetric else 2) * 2)
     assert q.nbytes == expected
 
@@ -182,3 +183,19 @@ def test_attention_over_quantized_chunks_matches_float64(seed, kind, groups, bit
     got = ops.attend(query, [(k, v, None)], 0.125, ops.backend(backend, query.device))  # [B, 1, Hq, D]
     want = reference_attention(query.view(2, 2, groups, 64).double(), _ref_dense(k), _ref_dense(v), 0.125)
     assert rel(got[:, 0].reshape(2, 2, groups, 64), want) < 1e-5
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_token_groups_of_a_padded_row_equal_the_row_alone(seed, symmetric):
+    """Left padding does not move a row's token groups (they end at the last token) and takes no part
+    in the statistics: the real tokens quantize as the row alone does."""
+    alone = torch.randn(1, 2, 45, 16) * 3
+    padded = torch.cat([torch.randn(1, 2, 19, 16) * 100, alone], dim=2)  # wild padding values
+    valid = torch.arange(64) >= 19
+    q_alone = QuantizedTensor.quantize(alone, 4, 16, "token", symmetric)
+    q_padded = QuantizedTensor.quantize(padded, 4, 16, "token", symmetric, valid=valid.unsqueeze(0))
+    assert torch.equal(q_padded.dense(torch.float32)[:, :, 19:], q_alone.dense(torch.float32))
+    filler = torch.ones(1, 2, 45, dtype=torch.bool)
+    filler[:, 1, :7] = False  # per-head validity (eviction fillers)
+    q = QuantizedTensor.quantize(alone, 4, 16, "token", symmetric, valid=filler)
+    assert torch.equal(q.dense(torch.float32)[:, 0], q_alone.dense(torch.float32)[:, 0])

@@ -213,7 +213,7 @@ class SparKConfig:
     def _check_quantization(self, channel: str) -> None:
         for name in ("key_bits", "value_bits"):
             value = getattr(self, name)
-            if isinstance(value, bool) or value not in QUANT_BITS:
+            if isinstance(value, bool) or not isinstance(value, int) or value not in QUANT_BITS:
                 raise ValueError(f"{name} must be one of {list(QUANT_BITS)} (16 = not quantized), got {value!r}")
         _check_int("quant_group_size", self.quant_group_size, 8)
         if self.quant_group_size > 1024 or self.quant_group_size % 8:

@@ -435,9 +435,10 @@ class ColumnPackedTensor:
         # int16 indices; an int16 `idx` passes through as the same tensor, so blocks share it
         return cls(shape=tuple(x.shape), vals=vals, idx=idx if idx.dtype == torch.int16 else idx.to(torch.int16))
 
-    def with_quantized_vals(self, bits: int, group: int) -> "ColumnPackedTensor":
-        """The kept columns as `bits`-bit codes, one scale and zero per column and group of `group` tokens."""
-        return replace(self, vals=QuantizedTensor.quantize(self.vals, bits, group, "token"))
+    def with_quantized_vals(self, bits: int, group: int, valid: torch.Tensor | None = None) -> "ColumnPackedTensor":
+        """The kept columns as `bits`-bit codes, one scale and zero per column and group of `group`
+        tokens; `valid` (`[B, S]` or `[B, H, S]` bool) keeps padding out of the statistics."""
+        return replace(self, vals=QuantizedTensor.quantize(self.vals, bits, group, "token", valid=valid))
 
     @property
     def dtype(self) -> torch.dtype:

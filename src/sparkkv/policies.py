@@ -95,7 +95,7 @@ class ThinKKeys(DenseKeys):
             self.channels = idx.to(torch.int16)
         chunk = ColumnPackedTensor.from_dense(keys, self.channels)
         if self.config.key_bits < 16:
-            chunk = chunk.with_quantized_vals(self.config.key_bits, self.config.quant_group_size)
+            chunk = chunk.with_quantized_vals(self.config.key_bits, self.config.quant_group_size, token_mask)
         return chunk
 
     def tensors(self) -> list[torch.Tensor]:
@@ -112,7 +112,7 @@ class QuantizedKeys(DenseKeys):
     tokens (per-channel, as KIVI found essential for keys: a few channels carry outliers)."""
 
     def pack(self, keys, first_token, token_mask=None, like=None):
-        return QuantizedTensor.quantize(keys, self.config.key_bits, self.config.quant_group_size, "token")
+        return QuantizedTensor.quantize(keys, self.config.key_bits, self.config.quant_group_size, "token", valid=token_mask)
 
 
 class DenseValues:

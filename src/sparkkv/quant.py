@@ -64,28 +64,50 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))[..., :n]
 
 
-def _group_view(x: torch.Tensor, axis: str, group: int) -> torch.Tensor:
-    """`x [B, H, S, N]` float32 -> its groups on the last axis: `[B, H, S, G, group]` ("row") or
-    `[B, H, G, N, group]` ("token"). A last partial group is padded by repeating its edge element,
-    which changes no group statistic."""
+def _group_view(x: torch.Tensor, axis: str, group: int, offset: int = 0) -> torch.Tensor:
+    """`x [B, H, S, N]` -> its groups on the last axis: `[B, H, S, G, group]` ("row") or
+    `[B, H, G, N, group]` ("token", the first group starting `offset` tokens before the tensor).
+    Partial groups are padded by repeating their edge element, which changes no group statistic."""
     b, h, s, n = x.shape
     if axis == "row":
         pad = (-n) % group
         if pad:
             x = torch.nn.functional.pad(x.reshape(b * h * s, 1, n), (0, pad), mode="replicate").reshape(b, h, s, n + pad)
         return x.reshape(b, h, s, -1, group)
-    pad = (-s) % group
+    back = (-(offset + s)) % group
     t = x.transpose(2, 3)  # [B, H, N, S]
-    if pad:
-        t = torch.nn.functional.pad(t.reshape(b * h, n, s), (0, pad), mode="replicate").reshape(b, h, n, s + pad)
+    if offset or back:
+        t = torch.nn.functional.pad(t.reshape(b * h, n, s), (offset, back), mode="replicate").reshape(b, h, n, -1)
     return t.reshape(b, h, n, -1, group).transpose(2, 3)  # [B, H, G, N, group]
 
 
-def _ungroup(g: torch.Tensor, axis: str, shape) -> torch.Tensor:
+def _ungroup(g: torch.Tensor, axis: str, shape, offset: int = 0) -> torch.Tensor:
     b, h, s, n = shape
     if axis == "row":
         return g.reshape(b, h, s, -1)[..., :n]
-    return g.transpose(3, 4).reshape(b, h, -1, n)[:, :, :s]
+    return g.transpose(3, 4).reshape(b, h, -1, n)[:, :, offset : offset + s]
+
+
+# Entries that take no part in a group's statistics (padding, filler slots) are marked with this
+# sentinel: no real key or value is this large, and `_masked` skips it.
+_HIDDEN = 3.0e38
+
+
+def _hide_invalid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`x [B, H, S, N]` with the tokens `valid` marks False replaced by the sentinel."""
+    b, h, s, _ = x.shape
+    v = valid if valid.dim() == 3 else valid.unsqueeze(1)
+    return torch.where(v.expand(b, h, s).unsqueeze(-1), x, torch.full_like(x, _HIDDEN))
+
+
+def _masked(g: torch.Tensor, reduce, abs_: bool = False) -> torch.Tensor:
+    """`reduce` (amin / amax) over the last axis of a group view, skipping hidden entries; 0 for a
+    group with no real entry."""
+    hidden = g == _HIDDEN
+    vals = g.abs() if abs_ else g
+    fill = float("inf") if reduce is torch.amin else float("-inf")
+    out = reduce(torch.where(hidden, torch.full_like(vals, fill), vals), -1)
+    return torch.where(hidden.all(-1), torch.zeros_like(out), out)
 
 
 def _expand(stat: torch.Tensor, axis: str, shape, group: int, offset: int = 0) -> torch.Tensor:
@@ -115,9 +137,15 @@ class QuantizedTensor:
         self.codes, self.scale, self.zero = compact(self.codes), compact(self.scale), compact(self.zero)
 
     @classmethod
-    def quantize(cls, x: torch.Tensor, bits: int, group: int, axis: str = "row", symmetric: bool = False) -> "QuantizedTensor":
+    def quantize(cls, x: torch.Tensor, bits: int, group: int, axis: str = "row", symmetric: bool = False,
+                 valid: torch.Tensor | None = None) -> "QuantizedTensor":
         """Round `x [B, H, S, N]` to `bits`-bit codes, one scale (and zero, unless `symmetric`) per
-        group of `group` elements along `axis`. Statistics are computed in float32."""
+        group of `group` elements along `axis`. Statistics are computed in float32.
+
+        Axis "token": groups end at the last token (the first group is the partial one), and
+        `valid` (bool `[B, S]` or `[B, H, S]`, True = a real token) keeps padding and filler slots
+        out of the statistics, so every row of a left-padded batch is quantized as it would be
+        alone (its real tokens fall into the same groups)."""
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
         if axis not in AXES:
@@ -125,25 +153,29 @@ class QuantizedTensor:
         levels = (1 << bits) - 1
         sdtype = quant_scale_dtype(x.dtype)
         big, eps = torch.finfo(sdtype).max, torch.finfo(sdtype).eps  # statistics beyond the range saturate
-        g = _group_view(x.float(), axis, group)
+        offset = (-x.shape[2]) % group if axis == "token" else 0
+        xf = x.float()
+        if axis == "token" and valid is not None:
+            xf = _hide_invalid(xf, valid)
+        g = _group_view(xf, axis, group, offset)
         # The stored zero is rounded down and the scale up (by one unit of the scale dtype's precision),
         # so every element's code lies in [0, 2^bits - 1] and its error stays within half a step.
         if symmetric:
-            scale = (2 * g.abs().amax(-1) / levels * (1 + eps)).clamp(max=big).to(sdtype)
+            scale = (2 * _masked(g, torch.amax, abs_=True) / levels * (1 + eps)).clamp(max=big).to(sdtype)
             s = scale.float().unsqueeze(-1)
             codes = torch.round(g / torch.where(s > 0, s, 1.0) + levels / 2)
             zero = None
         else:
-            lo = g.amin(-1)
+            lo = _masked(g, torch.amin)
             zero = (lo - lo.abs() * eps).clamp(-big, big).to(sdtype)
-            scale = ((g.amax(-1) - zero.float()) / levels * (1 + eps)).clamp(max=big).to(sdtype)
+            scale = ((_masked(g, torch.amax) - zero.float()) / levels * (1 + eps)).clamp(max=big).to(sdtype)
             s = scale.float().unsqueeze(-1)
             codes = torch.round((g - zero.float().unsqueeze(-1)) / torch.where(s > 0, s, 1.0))
         # a non-finite entry makes its group's statistics non-finite, so it spreads over its group on
         # reading (as NaN/inf spread in attention); its code is arbitrary
         codes = codes.nan_to_num(nan=0.0, posinf=levels, neginf=0.0).clamp_(0, levels)
-        codes = _ungroup(codes, axis, x.shape)
-        return cls(tuple(x.shape), x.dtype, pack_codes(codes, bits), scale, zero, bits, group, axis)
+        codes = _ungroup(codes, axis, x.shape, offset)
+        return cls(tuple(x.shape), x.dtype, pack_codes(codes, bits), scale, zero, bits, group, axis, offset)
 
     # --- reading ---------------------------------------------------------------------------
     @property

@@ -42,6 +42,21 @@ BYTES_COLUMNS = [
 ]
 
 
+# quantized storage (quant.py): plain quantization, then SparK stacked with it, ternary mask code
+QUANT_BYTES_CONFIGS = [
+    SparKConfig(method="none", key_bits=8, value_bits=8),
+    SparKConfig(method="none", key_bits=4, value_bits=4),
+    SparKConfig(method="none", key_bits=2, value_bits=2),
+    SparKConfig(key_prune_ratio=0.8, mask_format="trits"),
+    SparKConfig(key_prune_ratio=0.8, key_bits=4, value_bits=4),
+    SparKConfig(key_prune_ratio=0.8, key_bits=4, value_bits=4, mask_format="trits"),
+    SparKConfig(key_prune_ratio=0.8, key_bits=4, value_bits=4, mask_format="trits", quant_group_size=128),
+    SparKConfig(key_prune_ratio=0.8, key_bits=4, value_bits=2, mask_format="trits"),
+    SparKConfig(key_prune_ratio=0.8, key_bits=4, value_bits=2, mask_format="trits", quant_group_size=128),
+    SparKConfig(key_prune_ratio=0.8, value_prune_ratio=0.8, key_bits=4, value_bits=4, mask_format="trits"),
+]
+
+
 def bytes_table(context: int, kv_heads: int, groups: int, head_dim: int, dtype, seed: int = 0) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     # channels of different scales (as real keys have), so variable-T selections have something to find
@@ -59,6 +74,7 @@ def bytes_table(context: int, kv_heads: int, groups: int, head_dim: int, dtype, 
         SparKConfig(selection="grouped"),
         SparKConfig(method="think", key_prune_ratio=0.5),
         SparKConfig(method="think", key_prune_ratio=0.8),
+        *QUANT_BYTES_CONFIGS,
     ]
     per = context * kv_heads
     rows = [{"method": "dense", "bytes": dense, "per_token_head": dense / per, "key_bytes": dense / 2 / per, "vs_dense": 1.0,
