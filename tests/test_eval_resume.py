@@ -1,5 +1,7 @@
-"""`sparkkv eval` beside another run: one record per cell, written and reported once; a second run
-on a folder in use refuses at once, naming the pid."""
+"""`sparkkv eval` after a crash or beside another run: a rerun finishes the grid from what is on disk
+(loading the model only if a sample is missing), writes exactly one record per cell, and leaves
+results.csv equal to the records; a second run on a folder in use refuses at once, naming the pid.
+"""
 
 import csv
 import json
@@ -95,6 +97,78 @@ def spec_of(out: Path) -> GridSpec:
                     seed=args.seed, batch_size=args.batch_size)
 
 
+# --- a run killed between its last sample line and the record (issue: every rerun exited 1) -------
+
+
+def test_cut_last_record_line_is_rebuilt_from_the_samples_without_a_model(folder, finished, tmp_path, capsys, no_model):
+    text = (folder / RECORDS).read_text()
+    last = text.splitlines()[-1]
+    (folder / RECORDS).write_text(text[: len(text) - len(last) // 2 - 1])  # cut mid-line, no newline
+    samples = (folder / SAMPLES).read_text()
+    code, out, err = run(argv(folder), capsys)
+    assert code == 0, err
+    assert (folder / SAMPLES).read_text() == samples  # nothing recomputed
+    check_folder(folder, finished, tmp_path)
+    assert "| dense |" in out
+
+
+def test_samples_in_but_records_missing_finish_through_the_api_without_a_model(folder, finished, tmp_path):
+    kept = lines(folder / RECORDS)[:-3]  # the last (task, length)'s three cells lost their records
+    (folder / RECORDS).write_text("\n".join(kept) + "\n")
+    store = Store(folder)
+    try:
+        records = run_grid(spec_of(folder), None, None, store)  # no model, no loader: must not need one
+    finally:
+        store.close()
+    assert len(records) == CELLS
+    check_folder(folder, finished, tmp_path)
+    rebuilt = {r["key"]: r for r in records}
+    for r in valid_rows(finished / RECORDS):  # the rebuilt records equal the lost ones (but the timings)
+        assert rebuilt[r["key"]]["score"] == r["score"] and rebuilt[r["key"]]["seconds"] == r["seconds"]
+
+
+def test_samples_in_but_records_missing_finish_through_the_cli_without_a_model(folder, finished, tmp_path, capsys, no_model):
+    (folder / RECORDS).write_text("")
+    code, _, err = run(argv(folder), capsys)
+    assert code == 0, err
+    check_folder(folder, finished, tmp_path)
+
+
+def test_sample_lines_of_older_versions_load_the_model_once_and_lazily(folder, finished, tmp_path, capsys, monkeypatch):
+    old = []  # lines written before the metric and the dense bytes were kept per sample
+    for row in valid_rows(folder / SAMPLES):
+        row.pop("metric"), row.pop("dense_bytes_per_token")
+        old.append(json.dumps(row))
+    (folder / SAMPLES).write_text("\n".join(old) + "\n")
+    (folder / RECORDS).write_text("\n".join(lines(folder / RECORDS)[:-1]) + "\n")
+    loads = []
+    real = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
+    code, _, err = run(argv(folder), capsys)
+    assert code == 0, err
+    assert len(loads) == 1
+    records = valid_rows(folder / RECORDS)
+    assert len(records) == CELLS and len({r["key"] for r in records}) == CELLS
+    assert (folder / "results.csv").read_text() == expected_csv(records, tmp_path / "e.csv")
+
+
+def test_stale_csv_is_rewritten_by_a_rerun_with_nothing_pending(folder, finished, tmp_path, capsys, no_model):
+    records = valid_rows(folder / RECORDS)
+    rec.write_csv(records[:-1], folder / "results.csv")  # killed between the record and the table
+    code, _, err = run(argv(folder), capsys)
+    assert code == 0, err
+    check_folder(folder, finished, tmp_path)
+
+
+def test_a_whole_last_line_without_its_newline_is_kept(folder, finished, tmp_path, capsys, no_model):
+    text = (folder / RECORDS).read_text()
+    (folder / RECORDS).write_text(text.rstrip("\n"))  # edited by hand: complete, but no newline
+    code, _, err = run(argv(folder), capsys)
+    assert code == 0, err
+    assert (folder / RECORDS).read_text() == text
+    check_folder(folder, finished, tmp_path)
+
+
 # --- duplicates: never written, never reported -------------------------------------------------------
 
 
@@ -135,5 +209,6 @@ def test_second_run_on_a_folder_in_use_refuses_naming_the_pid(folder, capsys, no
         assert (folder / "results.csv").read_bytes() == before["results.csv"]
     finally:
         holder.close()
-
-
+    code, out, err = run(argv(folder), capsys)  # released: the work is done now
+    assert code == 0, err
+    assert len(lines(folder / RECORDS)) == CELLS

@@ -344,7 +344,6 @@ def _progress(total: int, desc: str):
 
 def cmd_eval(args) -> None:
     from . import models
-    from .eval import report
     from .eval.experiment import GridSpec, pending_units, run_grid
     from .eval.records import Store
     from .eval.tasks import TaskInputs
@@ -357,19 +356,22 @@ def cmd_eval(args) -> None:
         model=args.model, tasks=args.tasks, lengths=args.lengths, n=args.n, configs=args.configs, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, inputs=inputs,
     )
-    store = Store(args.out)
-    todo = pending_units(spec, store)
-    if todo:
-        model, tokenizer = models.load(args.model, dtype=_torch_dtype(args.dtype))
-        progress = _progress(todo, "eval (cell x sample)")
+
+    def load():
+        return models.load(args.model, dtype=_torch_dtype(args.dtype))
+
+    with Store(args.out) as store:  # the folder's lock, held to the end (FolderBusy: exit code 3)
+        # the model loads only if a sample must be computed (or, lazily, for a cell whose sample
+        # lines an older version wrote); finished cells without a record are written from the file
+        todo = pending_units(spec, store)
+        model, tokenizer = load() if todo else (None, None)
+        progress = _progress(todo, "eval (cell x sample)") if todo else None
         try:
-            records = run_grid(spec, model, tokenizer, store, progress)
+            records = run_grid(spec, model, tokenizer, store, progress, load=load)
         finally:
             if progress is not None:
                 progress.close()
-    else:
-        records = run_grid(spec, None, None, store)  # every cell is finished: nothing loads
-    _print_report(records, args.out, plots=not args.no_plots)
+        _print_report(records, args.out, plots=not args.no_plots)
     if args.json is not None:
         import json
 
