@@ -1,7 +1,11 @@
 """`sparkkv eval` after a crash or beside another run: a rerun finishes the grid from what is on disk
 (loading the model only if a sample is missing), writes exactly one record per cell, and leaves
 results.csv equal to the records; a second run on a folder in use refuses at once, naming the pid.
-"""
+
+The last test kills real CLI processes with SIGKILL at random points of a small testbed grid
+(SPARKKV_KILL_POINTS, default 20) and checks every rerun; SPARKKV_KILL_EXEC=1 starts every run as
+`python -m sparkkv.cli` instead of a child of the fork server (tests/cli_processes.py; slow: the
+imports alone take about 8 s of CPU per run here)."""
 
 import csv
 import json
@@ -212,3 +216,104 @@ def test_second_run_on_a_folder_in_use_refuses_naming_the_pid(folder, capsys, no
     code, out, err = run(argv(folder), capsys)  # released: the work is done now
     assert code == 0, err
     assert len(lines(folder / RECORDS)) == CELLS
+
+
+# --- real processes --------------------------------------------------------------------------------
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(sparkkv.__file__).resolve().parents[1]), str(Path(__file__).parent)])
+    return env
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    from cli_processes import ExecLauncher, ForkServer
+
+    if os.environ.get("SPARKKV_KILL_EXEC") == "1":
+        yield ExecLauncher(_env())
+        return
+    if not hasattr(os, "fork") or not Path("/proc/self/stat").exists():
+        pytest.skip("the fork server needs fork() and /proc (Linux)")
+    server = ForkServer(_env())
+    yield server
+    server.close()
+
+
+def test_two_concurrent_runs_the_second_refuses_with_the_first_pid(launcher, finished, tmp_path):
+    from cli_processes import wait_until
+
+    out = tmp_path / "grid"
+    first = launcher.start(argv(out), tmp_path / "first")
+    lock = out / ".lock"
+    assert wait_until(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid)
+                      or (out / SAMPLES).is_file(), 60), first.output()
+    second = launcher.start(argv(out), tmp_path / "second")
+    code = launcher.wait(second)
+    first_alive = launcher.alive(first)
+    err = second.stderr.read_text()
+    assert code == 3, second.output()
+    assert first_alive, "the first run ended before the second could meet it: grid too small"
+    assert len(err.strip().splitlines()) == 1 and f"pid {first.pid}" in err, err
+    assert launcher.wait(first) == 0, first.output()
+    check_folder(out, finished, tmp_path)
+    third = launcher.start(argv(out), tmp_path / "third")  # the lock died with the first run
+    assert launcher.wait(third) == 0, third.output()
+    check_folder(out, finished, tmp_path)
+
+
+def _lines_in(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
+
+
+def test_sigkill_at_random_points_every_rerun_finishes_the_grid(launcher, finished, tmp_path, seed):
+    """Trials on fresh folders: 1-3 runs in a row killed with SIGKILL (at a random time, or a few ms
+    after a random sample or record line appears), then a rerun to the end, checked like every run
+    that finished on its own: one record per cell, equal to the uninterrupted run's, CSV = records."""
+    from cli_processes import wait_until
+
+    rng = random.Random(seed)
+    points = int(os.environ.get("SPARKKV_KILL_POINTS", "20"))
+    start = time.monotonic()
+    calibrate = launcher.start(argv(tmp_path / "calibrate"), tmp_path / "calibrate")
+    assert launcher.wait(calibrate) == 0, calibrate.output()
+    full = time.monotonic() - start  # one whole run, as a child sees it
+    kills, history, trial = 0, [], 0
+    while kills < points:
+        trial += 1
+        out = tmp_path / f"trial{trial}"
+        for attempt in range(rng.randint(1, 3)):
+            run_ = launcher.start(argv(out), tmp_path / f"t{trial}-{attempt}")
+            if rng.random() < 0.5:
+                delay = rng.uniform(0, 1.1 * full)
+                time.sleep(delay)
+                how = f"after {delay:.3f} s"
+            else:
+                name = rng.choice([SAMPLES, RECORDS])
+                target = _lines_in(out / name) + rng.randint(1, SAMPLE_LINES if name == SAMPLES else CELLS)
+                wait_until(lambda: _lines_in(out / name) >= target or not launcher.alive(run_), 2 * full + 5)
+                extra = rng.uniform(0, 0.005)
+                time.sleep(extra)
+                how = f"{extra * 1000:.1f} ms after line {target} of {name}"
+            launcher.kill(run_)
+            code = launcher.wait(run_)
+            history.append(f"trial {trial} run {attempt}: {how}: {'killed' if code == -9 else f'exit {code}'}")
+            context = f"seed {seed}\n" + "\n".join(history) + "\n" + run_.output()
+            if code == -9:
+                kills += 1
+            else:  # it finished before the kill: a rerun that ended, checked as one
+                assert code == 0, context
+                check_folder(out, finished, tmp_path)
+        rerun = launcher.start(argv(out), tmp_path / f"t{trial}-rerun")
+        code = launcher.wait(rerun)
+        context = f"seed {seed}\n" + "\n".join(history) + "\n" + rerun.output()
+        assert code == 0, context
+        try:
+            check_folder(out, finished, tmp_path)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{context}") from None
+    print(f"{kills} SIGKILLs in {trial} trials, {time.monotonic() - start:.1f} s; a whole run took {full:.2f} s")
