@@ -2,7 +2,9 @@
 
 Every argument is checked before any model loads or any file is written; a bad one ends the
 command with one line on stderr naming it, and exit code 2. Failures while working (a model that
-cannot be fetched, ...) print one line and exit 1. `--debug` shows the traceback instead.
+cannot be fetched, ...) print one line and exit 1. `--debug` shows the traceback instead. An `--out`
+folder that another run is writing (its lock is held) ends `eval` / `demo` at once with one line
+naming that run's pid, and exit code 3 (BUSY): nothing is computed or written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .config import ATTENTION_BACKENDS
 
 PROG = "sparkkv"
 DEFAULT_MODEL = "smollm2-135m"
+BUSY = 3  # exit code: the --out folder is locked by another live run
 
 
 class UsageError(Exception):
@@ -167,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a grid of methods x ratios x budgets x lengths x tasks: records, CSV, plots; resumable",
         description="Runs every task at every length with every configuration of the grid; one JSON record per "
         "finished cell is appended to OUT/records.jsonl, so a rerun skips finished cells and an interrupted run "
-        "resumes. Writes OUT/results.csv and PNG plots. Methods: dense, spark, think, snapkv, pyramidkv, "
-        "streamingllm and <eviction>+<spark|think> such as snapkv+spark.",
+        "resumes (even one killed mid-write). Writes OUT/results.csv and PNG plots. One run at a time per OUT: "
+        "another run writing it makes this one stop at once, naming its pid (exit code 3). Methods: dense, spark, "
+        "think, snapkv, pyramidkv, streamingllm and <eviction>+<spark|think> such as snapkv+spark.",
         epilog="tasks: " + ", ".join(TASK_NAMES),
     )
     _model_args(p)
@@ -340,7 +344,6 @@ def _progress(total: int, desc: str):
 
 def cmd_eval(args) -> None:
     from . import models
-    from .eval import report
     from .eval.experiment import GridSpec, pending_units, run_grid
     from .eval.records import Store
     from .eval.tasks import TaskInputs
@@ -353,19 +356,22 @@ def cmd_eval(args) -> None:
         model=args.model, tasks=args.tasks, lengths=args.lengths, n=args.n, configs=args.configs, seed=args.seed,
         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, inputs=inputs,
     )
-    store = Store(args.out)
-    todo = pending_units(spec, store)
-    if todo:
-        model, tokenizer = models.load(args.model, dtype=_torch_dtype(args.dtype))
-        progress = _progress(todo, "eval (cell x sample)")
+
+    def load():
+        return models.load(args.model, dtype=_torch_dtype(args.dtype))
+
+    with Store(args.out) as store:  # the folder's lock, held to the end (FolderBusy: exit code 3)
+        # the model loads only if a sample must be computed (or, lazily, for a cell whose sample
+        # lines an older version wrote); finished cells without a record are written from the file
+        todo = pending_units(spec, store)
+        model, tokenizer = load() if todo else (None, None)
+        progress = _progress(todo, "eval (cell x sample)") if todo else None
         try:
-            records = run_grid(spec, model, tokenizer, store, progress)
+            records = run_grid(spec, model, tokenizer, store, progress, load=load)
         finally:
             if progress is not None:
                 progress.close()
-    else:
-        records = run_grid(spec, None, None, store)  # every cell is finished: nothing loads
-    _print_report(records, args.out, plots=not args.no_plots)
+        _print_report(records, args.out, plots=not args.no_plots)
     if args.json is not None:
         import json
 
@@ -385,16 +391,32 @@ def _print_report(records: list[dict], folder: Path, plots: bool) -> None:
 
 
 def cmd_report(args) -> None:
-    from .eval.records import read_records, write_csv
+    from .eval.records import FolderBusy, FolderLock, read_records, write_csv
 
     try:
-        records = read_records(args.dir)
+        read_records(args.dir)  # a folder with no records file: refused before the lock file is made
+        lock, busy = FolderLock(args.dir), None
     except ValueError as exc:
         raise UsageError(f"{PROG} report: error: {exc}") from None
-    if not records:
-        raise UsageError(f"{PROG} report: error: {args.dir} holds no finished cell yet")
-    write_csv(records, args.dir / "results.csv")
-    _print_report(records, args.dir, plots=not args.no_plots)
+    except FolderBusy as exc:  # a running eval owns the table and the plots: print them, write nothing
+        lock, busy = None, exc
+    except OSError:  # a read-only folder: nothing can be writing it
+        lock, busy = None, None
+    try:
+        records = read_records(args.dir)
+        if not records:
+            raise UsageError(f"{PROG} report: error: {args.dir} holds no finished cell yet")
+        if busy is not None:
+            who = f"pid {busy.pid}" if busy.pid is not None else "pid unknown"
+            print(f"{PROG} report: note: {busy.folder} is being written by a sparkkv run ({who}): the table shows the "
+                  "cells finished so far; results.csv and the plots are left to that run", file=sys.stderr)
+            _print_report(records, args.dir, plots=False)
+            return
+        write_csv(records, args.dir / "results.csv")
+        _print_report(records, args.dir, plots=not args.no_plots)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def cmd_generate(args) -> None:
@@ -516,11 +538,16 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from .eval.records import FolderBusy
+
     try:
         COMMANDS[args.command][1](args)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except FolderBusy as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return BUSY
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted (finished cells and samples are kept; rerun to resume)", file=sys.stderr)
         return 130

@@ -8,6 +8,16 @@ For every (task, length) the samples are generated once, grouped in batches of e
 each batch is prefilled once for all configurations (`runner.run_batch`). Per-sample results are
 appended to the store as they finish and a cell's record as soon as all its samples are in, so an
 interrupted run resumes where it stopped and a rerun skips finished cells.
+
+Resuming never needs the model for work that is already on disk: each sample line carries what its
+cell's record needs besides the samples themselves (the task's metric name and the dense bytes per
+token of the model that computed it), so a run killed after a cell's last sample but before its
+record finishes that cell from the file. The model is loaded (`load`) only when a sample must be
+computed, or for a cell whose sample lines were written by a version that did not store those two
+values. Two designs were possible: storing the two values, or loading the model lazily whenever a
+cell is unrecorded. Storing them is what makes a resume independent of the model (a multi-GB model,
+a network fetch, another dtype: the dense bytes are those of the run that measured the samples);
+lazy loading remains only as the fallback for old folders.
 """
 
 from __future__ import annotations
@@ -64,42 +74,62 @@ def pending_units(spec: GridSpec, store: Store) -> int:
     return total
 
 
-def run_grid(spec: GridSpec, model, tokenizer, store: Store, progress=None) -> list[dict]:
+def run_grid(spec: GridSpec, model, tokenizer, store: Store, progress=None, load=None) -> list[dict]:
     """Compute every unfinished cell of `spec`; returns the grid's records (old and new).
 
-    `model` and `tokenizer` are used only if a cell is unfinished (None is fine otherwise)."""
+    `model` and `tokenizer` are used only if a sample must be computed; they may be None with
+    `load` a callable returning `(model, tokenizer)`, called at most once and only then. Whatever
+    is pending, the store's CSV is rewritten at the end, so it matches the records."""
+    loaded: list = [model, tokenizer]
+
+    def need_model():
+        if loaded[0] is None:
+            if load is None:
+                raise ValueError("run_grid: a sample must be computed but no model was given (pass model= or load=)")
+            loaded[:] = load()
+        return loaded
+
     for task in spec.tasks:
         for length in spec.lengths:
             cells = {label(c): (c, cell_key(spec.identity(task, length, c))) for c in spec.configs}
             todo = {name: ck for name, ck in cells.items() if not store.finished(ck[1])}
             if not todo:
                 continue
-            dense_per_token = runner.dense_bytes_per_token(model)
-            samples = tasks.generate(task, tokenizer, length, spec.n, spec.seed, spec.inputs)
-            if spec.max_new_tokens is not None:
-                for s in samples:
-                    s.max_new_tokens = spec.max_new_tokens
+            pending = any(not store.sample_done(key, i) for _, key in todo.values() for i in range(spec.n))
+            samples = None
             prefill_seconds = 0.0
-            for batch in runner.batches(samples, spec.batch_size):
-                configs = {
-                    name: config
-                    for name, (config, key) in todo.items()
-                    if not all(store.sample_done(key, s.index) for s in batch)
-                }
-                if not configs:
-                    continue
+            if pending:
+                model, tokenizer = need_model()
+                dense_per_token = runner.dense_bytes_per_token(model)
+                samples = _samples(spec, task, length, tokenizer)
+                for batch in runner.batches(samples, spec.batch_size):
+                    configs = {
+                        name: config
+                        for name, (config, key) in todo.items()
+                        if not all(store.sample_done(key, s.index) for s in batch)
+                    }
+                    if not configs:
+                        continue
 
-                def on_result(name: str, result: runner.SampleResult, batch=batch) -> None:
-                    key = todo[name][1]
-                    if store.sample_done(key, result.index):
-                        return
-                    store.add_sample({"key": key, **asdict(result), "method": name, "task": task, "length": length})
-                    if progress is not None:
-                        progress.update(1)
+                    def on_result(name: str, result: runner.SampleResult, batch=batch) -> None:
+                        key = todo[name][1]
+                        if store.sample_done(key, result.index):
+                            return
+                        store.add_sample({"key": key, **asdict(result), "method": name, "task": task, "length": length,
+                                          "metric": samples[0].metric, "dense_bytes_per_token": dense_per_token})
+                        if progress is not None:
+                            progress.update(1)
 
-                prefill_seconds += runner.run_batch(model, tokenizer, batch, configs, on_result)
+                    prefill_seconds += runner.run_batch(model, tokenizer, batch, configs, on_result)
             for name, (config, key) in todo.items():
                 rows = [store.samples[key][i] for i in range(spec.n)]
+                metric = rows[0].get("metric")
+                dense_per_token = rows[0].get("dense_bytes_per_token")
+                if metric is None or dense_per_token is None:  # sample lines of an older version
+                    model, tokenizer = need_model()
+                    if samples is None:
+                        samples = _samples(spec, task, length, tokenizer)
+                    metric, dense_per_token = samples[0].metric, runner.dense_bytes_per_token(model)
                 results = [runner.SampleResult(**{f: row[f] for f in runner.SampleResult.__dataclass_fields__}) for row in rows]
                 summary = runner.aggregate(results)
                 store.add_record(
@@ -112,7 +142,7 @@ def run_grid(spec: GridSpec, model, tokenizer, store: Store, progress=None) -> l
                         "config": None if config is None else config.to_dict(),
                         "length": length,
                         "seed": spec.seed,
-                        "metric": samples[0].metric,
+                        "metric": metric,
                         **summary,
                         "dense_bytes_per_token": dense_per_token,
                         "kv_vs_dense": summary["kv_bytes_per_token"] / dense_per_token,
@@ -123,5 +153,14 @@ def run_grid(spec: GridSpec, model, tokenizer, store: Store, progress=None) -> l
                     }
                 )
                 log.info("%s @%d %s: %.4f", task, length, name, summary["score"])
+    store.write_csv()  # a run killed between a record and the table, then a rerun with nothing to do
     keys = {cell_key(spec.identity(t, length, c)) for t in spec.tasks for length in spec.lengths for c in spec.configs}
-    return [r for r in store.records if r["key"] in keys]
+    return [r for r in store.records if r.get("key") in keys]
+
+
+def _samples(spec: GridSpec, task: str, length: int, tokenizer) -> list:
+    samples = tasks.generate(task, tokenizer, length, spec.n, spec.seed, spec.inputs)
+    if spec.max_new_tokens is not None:
+        for s in samples:
+            s.max_new_tokens = spec.max_new_tokens
+    return samples
