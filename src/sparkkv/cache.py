@@ -155,6 +155,22 @@ def layer_specs(model_config) -> list[LayerSpec]:
 # ---------------------------------------------------------------------------------------------
 # one layer
 # ---------------------------------------------------------------------------------------------
+def _from_store(name: str, doc: str) -> property:
+    """A read-only layer attribute that is its `BlockStore`'s."""
+    return property(lambda layer: getattr(layer.store, name), doc=doc)
+
+
+def _chunked_prefill_error(config: SparKConfig, seen: int, q_len: int) -> ValueError:
+    return ValueError(
+        f"a SparKCache with token eviction ({config.name}) compressed its prompt at the first forward "
+        f"({seen} tokens), and now {q_len} more tokens arrive before any generated one: this is "
+        "chunked prefill (generate(..., prefill_chunk_size=N)), whose later chunks the token budget would skip. "
+        "Prefill the prompt in one forward (prefill_chunk_size=None; the prefill is dense SDPA either way), "
+        "or, if these tokens are meant to follow a finished prompt uncompressed by eviction, call "
+        "cache.end_prompt() before this forward"
+    )
+
+
 class SparKLayer(CacheLayerMixin):
     """One attention layer's compressed cache (see the module docstring): a `BlockStore`, the
     key and value packers of the config, and the layer type's window rules (`LayerSpec`)."""
@@ -211,16 +227,8 @@ class SparKLayer(CacheLayerMixin):
         would be stored without it. A forward of one token, a crop or `end_prompt()` closes the prompt."""
         if q_len == 1:
             self.prompt_open = False
-        if not (self.prompt_open and q_len > 1 and self.config.eviction is not None and not self.is_sliding):
-            return
-        raise ValueError(
-            f"a SparKCache with token eviction ({self.config.name}) compressed its prompt at the first forward "
-            f"({self.store.seen} tokens), and now {q_len} more tokens arrive before any generated one: this is "
-            "chunked prefill (generate(..., prefill_chunk_size=N)), whose later chunks the token budget would skip. "
-            "Prefill the prompt in one forward (prefill_chunk_size=None; the prefill is dense SDPA either way), "
-            "or, if these tokens are meant to follow a finished prompt uncompressed by eviction, call "
-            "cache.end_prompt() before this forward"
-        )
+        if self.prompt_open and q_len > 1 and self.config.eviction is not None and not self.is_sliding:
+            raise _chunked_prefill_error(self.config, self.store.seen, q_len)
 
     def end_prompt(self) -> None:
         """The prompt is complete: later multi-token forwards are appended like generated tokens."""
@@ -251,32 +259,13 @@ class SparKLayer(CacheLayerMixin):
 
     prefetch = offload
 
-    # --- what the layer holds ---------------------------------------------------------------
-    @property
-    def seen(self) -> int:
-        """Logical tokens seen (evicted and expired ones included)."""
-        return self.store.seen
-
-    @property
-    def blocks(self) -> list[Block]:
-        return self.store.blocks
-
-    @property
-    def tail_keys(self) -> torch.Tensor | None:
-        return self.store.tail_keys
-
-    @property
-    def tail_values(self) -> torch.Tensor | None:
-        return self.store.tail_values
-
-    @property
-    def tail_len(self) -> int:
-        return self.store.tail_len
-
-    @property
-    def stored_tokens(self) -> int:
-        """Tokens physically stored (per kv-head)."""
-        return self.store.stored_tokens
+    # --- what the layer holds (`store`: blocks, the dense tail, the logical token count) --------
+    seen = _from_store("seen", "logical tokens seen (evicted and expired ones included)")
+    blocks = _from_store("blocks", "stored blocks, oldest first")
+    tail_keys = _from_store("tail_keys", "dense recent keys [B, Hkv, S_tail, D], or None")
+    tail_values = _from_store("tail_values", "dense recent values, or None")
+    tail_len = _from_store("tail_len", "tokens in the dense tail")
+    stored_tokens = _from_store("stored_tokens", "tokens physically stored (per kv-head)")
 
     @property
     def key_chunks(self) -> list:

@@ -153,85 +153,10 @@ class SparKConfig:
     mask_format: str = "bits"
 
     def __post_init__(self) -> None:
-        eviction, channel = parse_method(self.method)
-        _check_fraction("key_prune_ratio", self.key_prune_ratio)
-        _check_fraction("value_prune_ratio", self.value_prune_ratio)
-        _check_int("window_size", self.window_size, 1)
-        _check_choice("saliency", self.saliency, SALIENCY_FORMS)
-        _check_choice("selection", self.selection, SELECTIONS)
-        _check_choice("recovery", self.recovery, RECOVERIES)
-        _check_mass("top_p", self.top_p)
-        _check_mass("grouped_mass", self.grouped_mass)
-        if not _is_real(self.recovery_constant) or not (self.recovery_constant > 0 and math.isfinite(self.recovery_constant)):
-            raise ValueError(f"recovery_constant must be a finite number > 0, got {self.recovery_constant!r}")
-        _check_int("seed", self.seed, 0)
-        if self.seed > SEED_MAX:
-            raise ValueError(
-                f"seed must be an int in [0, 2**63 - 1], got {self.seed}: the cache adds per-layer and per-block "
-                "offsets to it and torch.Generator.manual_seed takes at most 2**64 - 1"
-            )
-        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        if not isinstance(self.compress_decode, bool):
-            raise TypeError(f"compress_decode must be a bool, got {self.compress_decode!r}")
-        _check_int("block_size", self.block_size, 1)
-        if not isinstance(self.compress_sliding, bool):
-            raise TypeError(f"compress_sliding must be a bool, got {self.compress_sliding!r}")
-        _check_int("eviction_window", self.eviction_window, 1)
-        _check_int("pool_kernel", self.pool_kernel, 1)
-        if self.pool_kernel % 2 == 0:
-            raise ValueError(f"pool_kernel must be odd (the pool keeps the sequence length), got {self.pool_kernel}")
-        if not _is_real(self.pyramid_beta) or not self.pyramid_beta >= 1:
-            raise ValueError(f"pyramid_beta must be a number >= 1, got {self.pyramid_beta!r}")
-        _check_int("sink_tokens", self.sink_tokens, 0)
-        budget = self.token_budget
-        if budget is not None:
-            if isinstance(budget, bool) or not _is_real(budget):
-                raise TypeError(f"token_budget must be an int >= 1, a float in (0, 1), or None; got {budget!r}")
-            if isinstance(budget, int):
-                if budget < 1:
-                    raise ValueError(f"token_budget must be >= 1 tokens (or a fraction in (0, 1)), got {budget}")
-            elif not 0 < budget < 1:
-                raise ValueError(
-                    f"a float token_budget is a fraction of the prompt and must be in (0, 1), got {budget!r}; "
-                    "give an int for a token count"
-                )
-        if eviction is not None and budget is None:
-            raise ValueError(f"method {self.method!r} evicts tokens and needs token_budget (an int or a fraction in (0, 1))")
-        if eviction is None and budget is not None:
-            raise ValueError(
-                f"token_budget={budget!r} given but method {self.method!r} has no eviction; "
-                f"use e.g. 'snapkv+{channel if channel != 'dense' else 'none'}'"
-            )
-        if isinstance(budget, int) and eviction is not None and budget < self.min_budget_tokens:
-            raise ValueError(f"token_budget={budget} {self.budget_floor_reason()}")
-        self._check_quantization(channel)
-        if channel != "spark" and self.selection != "ratio":
-            raise ValueError(f"selection={self.selection!r} applies to the 'spark' channel policy only, not {channel!r}")
-        if self.value_prune_ratio > 0 and channel != "spark":
-            raise ValueError(f"value_prune_ratio applies to the 'spark' channel policy only, not {channel!r}")
-
-    def _check_quantization(self, channel: str) -> None:
-        for name in ("key_bits", "value_bits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value not in QUANT_BITS:
-                raise ValueError(f"{name} must be one of {list(QUANT_BITS)} (16 = not quantized), got {value!r}")
-        _check_int("quant_group_size", self.quant_group_size, 8)
-        if self.quant_group_size > 1024 or self.quant_group_size % 8:
-            raise ValueError(f"quant_group_size must be a multiple of 8 in [8, 1024], got {self.quant_group_size}")
-        _check_choice("mask_format", self.mask_format, MASK_FORMATS)
-        quantized = self.key_bits < 16 or self.value_bits < 16
-        if quantized and channel == "dense":
-            raise ValueError("method 'dense' stores the cache as it is; for plain quantization use method='none' "
-                             "(no channel policy) with key_bits / value_bits")
-        if self.key_bits < 16 and channel == "spark" and self.selection != "ratio":
-            raise ValueError(f"key_bits={self.key_bits} quantizes fixed-T rows; selection={self.selection!r} keeps a "
-                             "variable number of channels per token (use selection='ratio')")
-        if self.key_bits < 16 and channel == "spark" and self.recovery in ("exponential", "normal"):
-            raise ValueError(f"key_bits={self.key_bits} cannot be combined with the sampled recovery {self.recovery!r}")
-        if self.mask_format == "trits" and (channel != "spark" or self.recovery not in ("mean", "constant")):
-            raise ValueError("mask_format='trits' codes SparK's keep mask with the pruned entries' signs: it needs "
-                             f"the 'spark' channel policy and recovery 'mean' or 'constant' (got {self.method!r}, "
-                             f"recovery={self.recovery!r})")
+        _check_fields(self)
+        _check_budget(self)
+        _check_quantization(self)
+        _check_policy_options(self)
 
     @property
     def quantized(self) -> bool:
@@ -310,6 +235,101 @@ class SparKConfig:
 
     def replace(self, **changes) -> "SparKConfig":
         return replace(self, **changes)
+
+
+def _check_fields(c: "SparKConfig") -> None:
+    """Every field on its own: type and range."""
+    parse_method(c.method)
+    _check_fraction("key_prune_ratio", c.key_prune_ratio)
+    _check_fraction("value_prune_ratio", c.value_prune_ratio)
+    _check_int("window_size", c.window_size, 1)
+    _check_choice("saliency", c.saliency, SALIENCY_FORMS)
+    _check_choice("selection", c.selection, SELECTIONS)
+    _check_choice("recovery", c.recovery, RECOVERIES)
+    _check_mass("top_p", c.top_p)
+    _check_mass("grouped_mass", c.grouped_mass)
+    if not _is_real(c.recovery_constant) or not (c.recovery_constant > 0 and math.isfinite(c.recovery_constant)):
+        raise ValueError(f"recovery_constant must be a finite number > 0, got {c.recovery_constant!r}")
+    _check_int("seed", c.seed, 0)
+    if c.seed > SEED_MAX:
+        raise ValueError(
+            f"seed must be an int in [0, 2**63 - 1], got {c.seed}: the cache adds per-layer and per-block "
+            "offsets to it and torch.Generator.manual_seed takes at most 2**64 - 1"
+        )
+    _check_choice("attention_backend", c.attention_backend, ATTENTION_BACKENDS)
+    if not isinstance(c.compress_decode, bool):
+        raise TypeError(f"compress_decode must be a bool, got {c.compress_decode!r}")
+    _check_int("block_size", c.block_size, 1)
+    if not isinstance(c.compress_sliding, bool):
+        raise TypeError(f"compress_sliding must be a bool, got {c.compress_sliding!r}")
+    _check_int("eviction_window", c.eviction_window, 1)
+    _check_int("pool_kernel", c.pool_kernel, 1)
+    if c.pool_kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be odd (the pool keeps the sequence length), got {c.pool_kernel}")
+    if not _is_real(c.pyramid_beta) or not c.pyramid_beta >= 1:
+        raise ValueError(f"pyramid_beta must be a number >= 1, got {c.pyramid_beta!r}")
+    _check_int("sink_tokens", c.sink_tokens, 0)
+
+
+def _check_budget(c: "SparKConfig") -> None:
+    """The token budget against the eviction policy."""
+    eviction, channel = parse_method(c.method)
+    budget = c.token_budget
+    if budget is not None:
+        if isinstance(budget, bool) or not _is_real(budget):
+            raise TypeError(f"token_budget must be an int >= 1, a float in (0, 1), or None; got {budget!r}")
+        if isinstance(budget, int):
+            if budget < 1:
+                raise ValueError(f"token_budget must be >= 1 tokens (or a fraction in (0, 1)), got {budget}")
+        elif not 0 < budget < 1:
+            raise ValueError(
+                f"a float token_budget is a fraction of the prompt and must be in (0, 1), got {budget!r}; "
+                "give an int for a token count"
+            )
+    if eviction is not None and budget is None:
+        raise ValueError(f"method {c.method!r} evicts tokens and needs token_budget (an int or a fraction in (0, 1))")
+    if eviction is None and budget is not None:
+        raise ValueError(
+            f"token_budget={budget!r} given but method {c.method!r} has no eviction; "
+            f"use e.g. 'snapkv+{channel if channel != 'dense' else 'none'}'"
+        )
+    if isinstance(budget, int) and eviction is not None and budget < c.min_budget_tokens:
+        raise ValueError(f"token_budget={budget} {c.budget_floor_reason()}")
+
+
+def _check_policy_options(c: "SparKConfig") -> None:
+    """Options that apply to one channel policy only."""
+    channel = parse_method(c.method)[1]
+    if channel != "spark" and c.selection != "ratio":
+        raise ValueError(f"selection={c.selection!r} applies to the 'spark' channel policy only, not {channel!r}")
+    if c.value_prune_ratio > 0 and channel != "spark":
+        raise ValueError(f"value_prune_ratio applies to the 'spark' channel policy only, not {channel!r}")
+
+
+def _check_quantization(c: "SparKConfig") -> None:
+    """The quantization fields, and what they stack with."""
+    channel = parse_method(c.method)[1]
+    for name in ("key_bits", "value_bits"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value not in QUANT_BITS:
+            raise ValueError(f"{name} must be one of {list(QUANT_BITS)} (16 = not quantized), got {value!r}")
+    _check_int("quant_group_size", c.quant_group_size, 8)
+    if c.quant_group_size > 1024 or c.quant_group_size % 8:
+        raise ValueError(f"quant_group_size must be a multiple of 8 in [8, 1024], got {c.quant_group_size}")
+    _check_choice("mask_format", c.mask_format, MASK_FORMATS)
+    quantized = c.key_bits < 16 or c.value_bits < 16
+    if quantized and channel == "dense":
+        raise ValueError("method 'dense' stores the cache as it is; for plain quantization use method='none' "
+                         "(no channel policy) with key_bits / value_bits")
+    if c.key_bits < 16 and channel == "spark" and c.selection != "ratio":
+        raise ValueError(f"key_bits={c.key_bits} quantizes fixed-T rows; selection={c.selection!r} keeps a "
+                         "variable number of channels per token (use selection='ratio')")
+    if c.key_bits < 16 and channel == "spark" and c.recovery in ("exponential", "normal"):
+        raise ValueError(f"key_bits={c.key_bits} cannot be combined with the sampled recovery {c.recovery!r}")
+    if c.mask_format == "trits" and (channel != "spark" or c.recovery not in ("mean", "constant")):
+        raise ValueError("mask_format='trits' codes SparK's keep mask with the pruned entries' signs: it needs "
+                         f"the 'spark' channel policy and recovery 'mean' or 'constant' (got {c.method!r}, "
+                         f"recovery={c.recovery!r})")
 
 
 def _is_real(x) -> bool:

@@ -345,67 +345,70 @@ class PackedTensor:
         return torch.zeros(self.shape, dtype=self.dtype, device=self.device).masked_scatter_(keep, self.kept_values())
 
     # --- structural operations (crop, beam search, batch selection) -------------------------
-    def _rebuild(self, row_op, chan_op) -> "PackedTensor":
-        """Variable T or explicit fill: apply `row_op` (a `[B, H, S, X]` tensor -> `[B', H, S', X]`)
-        to the dense masks and values, and pack again."""
-        keep = self.keep_mask()
-        new_keep = row_op(keep)
-        vals = row_op(self.full_vals(keep))[new_keep]
-        if self.fixed_t is not None:
-            vals = vals.reshape(*new_keep.shape[:3], self.fixed_t)
-        fill = None
-        if self.fill is not None:
-            full_fill = torch.zeros(self.shape, dtype=self.dtype, device=keep.device).masked_scatter_(~keep, self.fill)
-            fill = row_op(full_fill)[~new_keep]
-        trits = None if self.trits is None else pack_trits(new_keep, row_op(self.positive_mask()))
-        return replace(
-            self,
-            shape=tuple(new_keep.shape),
-            vals=vals,
-            keep=None if trits is not None else pack_bits(new_keep),
-            sign=None if self.sign is None else row_op(self.sign),
-            scale=None if self.scale is None else row_op(self.scale.unsqueeze(-1)).squeeze(-1),
-            chan=None if self.chan is None else chan_op(self.chan),
-            fill=fill,
-            trits=trits,
-        )
-
-    def _map_rows(self, row_op, chan_op, vals_op) -> "PackedTensor":
-        """Fixed T: apply `row_op` to every per-row field directly (no rebuild); `vals_op` to
-        quantized kept values."""
-        opt = lambda t, op: None if t is None else op(t)  # noqa: E731
-        quantized = isinstance(self.vals, QuantizedTensor)
-        vals = vals_op(self.vals) if quantized else row_op(self.vals)
-        return replace(
-            self,
-            shape=(*vals.shape[:3], self.shape[3]),
-            vals=vals,
-            keep=opt(self.keep, row_op),
-            sign=opt(self.sign, row_op),
-            scale=opt(self.scale, lambda t: row_op(t.unsqueeze(-1)).squeeze(-1)),
-            chan=opt(self.chan, chan_op),
-            trits=opt(self.trits, row_op),
-        )
-
     def index_batch(self, index: torch.Tensor) -> "PackedTensor":
         """Rows of the batch in the order of `index` (may repeat: beam search)."""
         index = index.to(self.device)
         op = lambda t: t.index_select(0, index)  # noqa: E731
         if self.fixed_t is not None and self.fill is None:
-            return self._map_rows(op, op, lambda q: q.index_batch(index))
-        return self._rebuild(op, op)
+            return _map_rows(self, op, op, lambda q: q.index_batch(index))
+        return _rebuild(self, op, op)
 
     def slice_seq(self, start: int, stop: int) -> "PackedTensor":
         """Tokens `start:stop` along the sequence axis (a compact copy)."""
         op = lambda t: t[:, :, start:stop].contiguous().clone()  # noqa: E731
         if self.fixed_t is not None and self.fill is None:
-            return self._map_rows(op, lambda c: c, lambda q: q.slice_seq(start, stop))
-        return self._rebuild(op, lambda c: c)
+            return _map_rows(self, op, lambda c: c, lambda q: q.slice_seq(start, stop))
+        return _rebuild(self, op, lambda c: c)
 
     def to(self, device) -> "PackedTensor":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, vals=self.vals.to(device), keep=move(self.keep), sign=move(self.sign), scale=move(self.scale),
                        chan=move(self.chan), fill=move(self.fill), trits=move(self.trits))
+
+
+# structural operations of a PackedTensor (crop, beam search, batch selection)
+def _rebuild(packed: PackedTensor, row_op, chan_op) -> PackedTensor:
+    """Variable T or explicit fill: apply `row_op` (a `[B, H, S, X]` tensor -> `[B', H, S', X]`)
+    to the dense masks and values, and pack again."""
+    keep = packed.keep_mask()
+    new_keep = row_op(keep)
+    vals = row_op(packed.full_vals(keep))[new_keep]
+    if packed.fixed_t is not None:
+        vals = vals.reshape(*new_keep.shape[:3], packed.fixed_t)
+    fill = None
+    if packed.fill is not None:
+        full_fill = torch.zeros(packed.shape, dtype=packed.dtype, device=keep.device).masked_scatter_(~keep, packed.fill)
+        fill = row_op(full_fill)[~new_keep]
+    trits = None if packed.trits is None else pack_trits(new_keep, row_op(packed.positive_mask()))
+    return replace(
+        packed,
+        shape=tuple(new_keep.shape),
+        vals=vals,
+        keep=None if trits is not None else pack_bits(new_keep),
+        sign=None if packed.sign is None else row_op(packed.sign),
+        scale=None if packed.scale is None else row_op(packed.scale.unsqueeze(-1)).squeeze(-1),
+        chan=None if packed.chan is None else chan_op(packed.chan),
+        fill=fill,
+        trits=trits,
+    )
+
+
+def _map_rows(packed: PackedTensor, row_op, chan_op, vals_op) -> PackedTensor:
+    """Fixed T: apply `row_op` to every per-row field directly (no rebuild); `vals_op` to
+    quantized kept values."""
+    opt = lambda t, op: None if t is None else op(t)  # noqa: E731
+    quantized = isinstance(packed.vals, QuantizedTensor)
+    vals = vals_op(packed.vals) if quantized else row_op(packed.vals)
+    return replace(
+        packed,
+        shape=(*vals.shape[:3], packed.shape[3]),
+        vals=vals,
+        keep=opt(packed.keep, row_op),
+        sign=opt(packed.sign, row_op),
+        scale=opt(packed.scale, lambda t: row_op(t.unsqueeze(-1)).squeeze(-1)),
+        chan=opt(packed.chan, chan_op),
+        trits=opt(packed.trits, row_op),
+    )
 
 
 @dataclass
