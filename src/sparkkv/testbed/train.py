@@ -413,6 +413,53 @@ def hardware() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
+def _optimizer(model, args) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+
+
+def _train_step(model, opt, batcher, stage: dict, step: int, args) -> tuple[int, tuple]:
+    """One optimizer step at the stage's length: `(tokens seen, (loss, answer loss, head losses...))`."""
+    seq_len = stage["seq_len"]
+    ids, mask = batcher.batch(step, max(1, stage["batch_tokens"] // seq_len), seq_len, stage["weights"])
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
+        out = model(input_ids=ids, output_attentions=args.attention_weight > 0)
+    loss, answer_loss = loss_fn(out.logits, ids, mask, stage["lm_weight"])
+    head_losses = (float("nan"), float("nan"))
+    if args.attention_weight > 0:
+        prev_loss, induction_loss = attention_loss(out.attentions, ids)
+        loss = loss + args.attention_weight * (prev_loss + induction_loss)
+        head_losses = (prev_loss.item(), induction_loss.item())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return ids.numel(), (loss.item(), answer_loss, *head_losses)
+
+
+def _train_entry(step: int, tokens: int, start: float, seq_len: int, args, recent: list[tuple]) -> dict:
+    mean = lambda i: round(sum(r[i] for r in recent) / len(recent), 4)  # noqa: E731
+    return {"step": step + 1, "tokens": tokens, "elapsed_s": round(time.time() - start, 1), "seq_len": seq_len,
+            "lr": round(lr_at(step, args), 6), "loss": mean(0), "answer_loss": mean(1), "prev_head_loss": mean(2),
+            "induction_head_loss": mean(3)}
+
+
+def _eval_entry(model, ids_of, step: int, tokens: int, start: float, seq_len: int, context: int, args) -> dict:
+    t0 = time.time()
+    eval_len = max(seq_len, tasks.MIN_CONTEXT_TOKENS)
+    entry = {"step": step + 1, "tokens": tokens, "elapsed_s": round(t0 - start, 1), "seq_len": eval_len,
+             "accuracy": curve_eval(model, ids_of, eval_len, args.eval_n, CURVE_EVAL_SEED)}
+    if eval_len < context:
+        entry["accuracy_at_context"] = curve_eval(model, ids_of, context, args.eval_n, CURVE_EVAL_SEED)
+    entry["eval_s"] = round(time.time() - t0, 1)
+    return entry
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -427,12 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.group_std > 0:
         structured_embedding_init(model, args.group_std, args.token_std, torch.Generator().manual_seed(args.seed))
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    opt = _optimizer(model, args)
     batcher = Batcher(args.seed)
-    ids_of = batcher.ids
 
     log = {
         "command": "python -m sparkkv.testbed.train " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -449,52 +492,20 @@ def main(argv: list[str] | None = None) -> None:
         "eval": [],
     }
     print(json.dumps({"parameters": n_params, "stages": stages}), flush=True)
-    start = time.time()
-    tokens = 0
-    recent: list[tuple[float, float]] = []
+    start, tokens, recent = time.time(), 0, []
     model.train()
     for step in range(args.steps):
         stage = stage_at(stages, step)
-        seq_len = stage["seq_len"]
-        ids, mask = batcher.batch(step, max(1, stage["batch_tokens"] // seq_len), seq_len, stage["weights"])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            out = model(input_ids=ids, output_attentions=args.attention_weight > 0)
-        loss, answer_loss = loss_fn(out.logits, ids, mask, stage["lm_weight"])
-        if args.attention_weight > 0:
-            prev_loss, induction_loss = attention_loss(out.attentions, ids)
-            loss = loss + args.attention_weight * (prev_loss + induction_loss)
-            head_losses = (prev_loss.item(), induction_loss.item())
-        else:
-            head_losses = (float("nan"), float("nan"))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        tokens += ids.numel()
-        recent.append((loss.item(), answer_loss, *head_losses))
-
+        seen, losses = _train_step(model, opt, batcher, stage, step, args)
+        tokens += seen
+        recent.append(losses)
         if (step + 1) % args.log_every == 0:
-            entry = {"step": step + 1, "tokens": tokens, "elapsed_s": round(time.time() - start, 1),
-                     "seq_len": seq_len, "lr": round(lr_at(step, args), 6),
-                     "loss": round(sum(r[0] for r in recent) / len(recent), 4),
-                     "answer_loss": round(sum(r[1] for r in recent) / len(recent), 4),
-                     "prev_head_loss": round(sum(r[2] for r in recent) / len(recent), 4),
-                     "induction_head_loss": round(sum(r[3] for r in recent) / len(recent), 4)}
+            log["train"].append(_train_entry(step, tokens, start, stage["seq_len"], args, recent))
             recent = []
-            log["train"].append(entry)
-            print(json.dumps(entry), flush=True)
+            print(json.dumps(log["train"][-1]), flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            t0 = time.time()
-            eval_len = max(seq_len, tasks.MIN_CONTEXT_TOKENS)
-            entry = {"step": step + 1, "tokens": tokens, "elapsed_s": round(t0 - start, 1), "seq_len": eval_len,
-                     "accuracy": curve_eval(model, ids_of, eval_len, args.eval_n, CURVE_EVAL_SEED)}
-            if eval_len < context:
-                entry["accuracy_at_context"] = curve_eval(model, ids_of, context, args.eval_n, CURVE_EVAL_SEED)
-            entry["eval_s"] = round(time.time() - t0, 1)
-            log["eval"].append(entry)
-            print(json.dumps(entry), flush=True)
+            log["eval"].append(_eval_entry(model, batcher.ids, step, tokens, start, stage["seq_len"], context, args))
+            print(json.dumps(log["eval"][-1]), flush=True)
             log["wall_time_s"] = round(time.time() - start, 1)
             save(model, args, log)
     log["wall_time_s"] = round(time.time() - start, 1)
