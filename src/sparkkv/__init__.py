@@ -17,11 +17,11 @@ from transformers.masking_utils import AttentionMaskInterface
 from .attention import sparkkv_attention_forward
 from .cache import PrefillCapture, SparKCache, SparKLayer
 from .compat import UnsupportedModelError, check_model_class, sparkkv_mask
-from .config import SparKConfig
+from .config import ATTN_IMPLEMENTATION, SparKConfig
 from .method import compress_keys, compress_values
 from .packed import ColumnPackedTensor, PackedTensor
+from .quant import QuantizedTensor
 
-ATTN_IMPLEMENTATION = "sparkkv"
 
 # transformers 5.24 renamed the cache argument of `forward`/`generate` from `past_key_values` to
 # `cache` (the old name warns, and goes away from `forward` in 5.40); older 5.x only know the old
@@ -39,6 +39,7 @@ __all__ = [
     "ColumnPackedTensor",
     "PackedTensor",
     "PrefillCapture",
+    "QuantizedTensor",
     "SparKCache",
     "SparKConfig",
     "SparKLayer",

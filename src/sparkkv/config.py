@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
+ATTN_IMPLEMENTATION = "sparkkv"  # the attention function (and mask) name `import sparkkv` registers with transformers
 SALIENCY_FORMS = ("squared", "paper")
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 SELECTIONS = ("ratio", "top_p", "grouped")

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 
+from .config import ATTN_IMPLEMENTATION
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "SPARKKV_CACHE"
-ATTN_IMPLEMENTATION = "sparkkv"  # the name `import sparkkv` registers with transformers
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
