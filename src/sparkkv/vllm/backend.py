@@ -177,6 +177,7 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
         self.config = self.settings.config
         self._layout: RecordLayout | None = None
         self._path: str | None = None
+        self._chan_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- setup --------------------------------------------------------------------------------
     def _layout_for(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> RecordLayout:
@@ -218,25 +219,105 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
             output = torch.empty(query.shape[0], self.num_heads, self.head_size, dtype=query.dtype, device=query.device)
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        n = attn_metadata.num_actual_tokens
         layout = self._layout_for(kv_cache, key.dtype)
         pages = _pages(kv_cache, layout.page_bytes)
         out = output.view(-1, self.num_heads, self.head_size)
-        qsl, bs = attn_metadata.query_start_loc, layout.block_size
-        for r in range(attn_metadata.num_reqs):
-            start, stop = qsl[r], qsl[r + 1]
+        m, bs = attn_metadata, layout.block_size
+        singles, others, prefilling = [], [], {}
+        for r in range(m.num_reqs):
+            start, stop = m.query_start_loc[r], m.query_start_loc[r + 1]
             if stop <= start:
                 continue
-            length = stop - start
-            seq = attn_metadata.seq_lens[r]
+            length, seq = stop - start, m.seq_lens[r]
+            prefilling[r] = m.prefilling[r] if m.prefilling is not None else (length > 1 or seq == length)
+            (singles if length == 1 and seq > 1 and not prefilling[r] else others).append(r)
+        path = self._attention_path(query.device)
+        if singles and path != "torch":
+            singles = self._decode_batch(layout, pages, m, singles, query, key, value, out)
+        for r in singles + others:
+            start, stop = m.query_start_loc[r], m.query_start_loc[r + 1]
+            length, seq = stop - start, m.seq_lens[r]
             prior = seq - length
-            blocks = attn_metadata.block_table[r, : -(-seq // bs)].long()
+            blocks = m.block_table[r, : -(-seq // bs)].long()
             q, k, v = query[start:stop], key[start:stop], value[start:stop]
             out[start:stop] = self._attend(layout, pages, blocks, prior, q, k, v).to(out.dtype)
-            prefilling = attn_metadata.prefilling[r] if attn_metadata.prefilling is not None else (length > 1 or prior == 0)
-            self._write(layout, pages, blocks, prior, q, k, v, attn_metadata.slot_mapping[start:stop].long(), prefilling)
-        del n
+            self._write(layout, pages, blocks, prior, q, k, v, m.slot_mapping[start:stop].long(), prefilling[r])
         return output
+
+    def _decode_batch(self, layout: RecordLayout, pages, m: SparKMetadata, reqs: list[int], query, key, value, out) -> list[int]:
+        """One decode token for each request of `reqs`, all at once: one gather of their pages, one
+        fused-kernel call over the batch (padded to the longest request, padding masked by the bias),
+        one `compress_keys` call for the new keys. Returns the requests it could not take (pages
+        with more than one header `qn`), which go through the per-request path."""
+        bs, h, g = layout.block_size, self.num_kv_heads, self.group
+        dev = query.device
+        tok = torch.tensor([m.query_start_loc[r] for r in reqs], device=dev)
+        priors = [m.seq_lens[r] - 1 for r in reqs]
+        nb = -(-max(priors) // bs)
+        table = m.block_table[torch.tensor(reqs, device=m.block_table.device), :nb].long().to(dev)
+        chan = None
+        if layout.key_codec == "spark":
+            used = torch.arange(nb, device=dev).unsqueeze(0) < torch.tensor([-(-p // bs) for p in priors], device=dev).unsqueeze(1)
+            hdr = layout.header(pages)[table]  # [R, nb, H, D]
+            first = hdr[:, 0]
+            mixed = ((hdr != first.unsqueeze(1)).flatten(2).any(-1) & used).any(-1)  # several runs
+            if bool(mixed.any()):
+                keep = [i for i in range(len(reqs)) if not bool(mixed[i])]
+                rest = [reqs[i] for i in range(len(reqs)) if bool(mixed[i])]
+                return rest + (self._decode_batch(layout, pages, m, [reqs[i] for i in keep], query, key, value, out) if keep else [])
+            chan = self._chan(layout, table[:, 0], first)
+        fields = layout.gather_batch(pages, table, priors)
+        keys, values = layout.keys_operand(fields, chan), layout.values_operand(fields)
+        s = nb * bs
+        bias = torch.zeros(len(reqs), 1, s, device=dev)
+        bias.masked_fill_(torch.arange(s, device=dev).view(1, 1, -1) >= torch.tensor(priors, device=dev).view(-1, 1, 1), float("-inf"))
+        q, k, v = query[tok], key[tok], value[tok]  # [R, Hq, D], [R, Hkv, D]
+        rows = q.view(len(reqs), h, g, -1)  # [R, Hkv, G, D]
+        if self._path == "triton":
+            from ..kernels.triton_decode import decode_partials
+        else:
+            from ..kernels.cpu import decode_partials
+        from ..kernels.reference import merge_partials
+
+        part = decode_partials(rows, keys, values, self.scale, bias=bias)
+        own_m = (rows.float() * k.float().unsqueeze(2)).sum(-1) * self.scale  # [R, H, G]
+        own = (own_m.unsqueeze(2), torch.ones_like(own_m).unsqueeze(2), v.float().unsqueeze(2).unsqueeze(2).expand(-1, -1, 1, g, -1))
+        res = merge_partials([part, own])  # [R, H, G, Dv]
+        out[tok] = res.reshape(len(reqs), self.num_heads, -1).to(out.dtype)
+        # write: each token compressed with the qn of its request's previous page (decode rule)
+        slots = m.slot_mapping[tok].long().to(dev)
+        page_idx, offsets = slots // bs, slots % bs
+        if layout.key_codec == "dense":
+            layout.write(pages, page_idx, offsets, {**layout.encode_keys(k, None), **layout.encode_values(v, rows=True)})
+            return []
+        prev = table[torch.arange(len(reqs), device=dev), torch.tensor([(p - 1) // bs for p in priors], device=dev)]
+        headers = layout.header(pages)
+        qn = headers[prev].clone()  # [R, H, D]
+        headers[page_idx] = qn  # a token opening a page gives it its request's qn (same value otherwise)
+        layout.write(pages, page_idx, offsets, {**layout.encode_keys(k, qn), **layout.encode_values(v, rows=True)})
+        return []
+
+    def _chan(self, layout: RecordLayout, first_blocks: torch.Tensor, qn: torch.Tensor) -> torch.Tensor:
+        """`layout.chan(qn)` `[R, H, D]` for requests whose first page is `first_blocks [R]`, from a
+        small per-layer cache keyed by that page (checked against its header `qn`, so a reused page
+        recomputes)."""
+        cache = self._chan_cache
+        rows, missing = [], []
+        for i, block in enumerate(first_blocks.tolist()):
+            hit = cache.get(block)
+            if hit is not None and torch.equal(hit[0], qn[i]):
+                rows.append(hit[1])
+            else:
+                rows.append(None)
+                missing.append(i)
+        if missing:
+            fresh = layout.chan(qn[missing])
+            if len(cache) > 4096:
+                cache.clear()
+            for j, i in enumerate(missing):
+                cache[int(first_blocks[i])] = (qn[i].clone(), fresh[j])
+                rows[i] = fresh[j]
+        return torch.stack(rows)
 
     # --- write ----------------------------------------------------------------------------------
     def _write(self, layout: RecordLayout, pages, blocks, prior: int, q, k, v, slots, prefilling: bool) -> None:
@@ -254,7 +335,7 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
             step_qn = headers[blocks[(prior - 1) // bs]].clone()
         fields = layout.encode_values(v)
         # tokens in a page that already held tokens keep that page's qn; the rest open new pages
-        old = torch.zeros(k.shape[0], dtype=torch.bool)
+        old = torch.zeros(k.shape[0], dtype=torch.bool, device=k.device)
         if int(offsets[0]) > 0:
             old = page_idx == page_idx[0]
         groups = []
@@ -280,7 +361,7 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
             f = layout.gather(pages, used, prior)
             return [(layout.keys_operand(f, None), layout.values_operand(f))]
         qn = layout.header(pages)[used]  # [P, H, D]
-        same = (qn[1:] == qn[:-1]).flatten(1).all(1) if nblk > 1 else torch.ones(0, dtype=torch.bool)
+        same = (qn[1:] == qn[:-1]).flatten(1).all(1) if nblk > 1 else torch.ones(0, dtype=torch.bool, device=qn.device)
         cuts = [0] + [i + 1 for i in torch.nonzero(~same).flatten().tolist()] + [nblk]
         runs = []
         for a, b in zip(cuts[:-1], cuts[1:]):
@@ -336,8 +417,8 @@ def _own_partials(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     kd = k.transpose(0, 1).unsqueeze(0).float()  # [1, H, L, D]
     vd = v.transpose(0, 1).unsqueeze(0).float()
     logits = torch.matmul(rows.float(), kd.transpose(-1, -2)) * scale  # [1, H, G*L, L]
-    i = torch.arange(length).repeat(g)  # row -> its token index
-    visible = torch.arange(length).unsqueeze(0) <= i.unsqueeze(1)  # [G*L, L]
+    i = torch.arange(length, device=rows.device).repeat(g)  # row -> its token index
+    visible = torch.arange(length, device=rows.device).unsqueeze(0) <= i.unsqueeze(1)  # [G*L, L]
     logits = logits.masked_fill(~visible, float("-inf"))
     m = logits.amax(-1)
     p = torch.exp(logits - m.unsqueeze(-1))

@@ -153,29 +153,54 @@ class RecordLayout:
 
     # --- encode ----------------------------------------------------------------------------------
     def encode_keys(self, keys: torch.Tensor, qn: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Keys `[N, H, D]` compressed with `qn` float32 `[H, D]` -> field name -> `[N, H, elems]`.
+        """Keys `[N, H, D]` compressed with `qn` float32 `[H, D]` (one for all N tokens) or `[N, H, D]`
+        (one per token: decode steps of N requests) -> field name -> `[N, H, elems]`.
 
         Runs `sparkkv.compress_keys` (the library's SparK; this module only places its fields)."""
         if self.key_codec == "dense":
             return {"k": keys.to(self.dtype)}
-        packed = compress_keys(keys.to(self.dtype).transpose(0, 1).unsqueeze(0), None, self.config, qn=qn.unsqueeze(0))
-        out = {"k_vals": packed.vals[0].transpose(0, 1), "k_keep": packed.keep[0].transpose(0, 1)}
+        if qn.dim() == 3:  # batch of one-token rows: [N, H, 1, D]
+            packed = compress_keys(keys.to(self.dtype).unsqueeze(2), None, self.config, qn=qn)
+            row = lambda t: t[:, :, 0]  # noqa: E731
+        else:
+            packed = compress_keys(keys.to(self.dtype).transpose(0, 1).unsqueeze(0), None, self.config, qn=qn.unsqueeze(0))
+            row = lambda t: t[0].transpose(0, 1)  # noqa: E731
+        out = {"k_vals": row(packed.vals), "k_keep": row(packed.keep)}
         if "k_sign" in self._names:
-            out["k_sign"] = packed.sign[0].transpose(0, 1)
+            out["k_sign"] = row(packed.sign)
         if "k_scale" in self._names:
-            out["k_scale"] = packed.scale[0].transpose(0, 1).unsqueeze(-1)
+            out["k_scale"] = row(packed.scale.unsqueeze(-1))
         return out
 
-    def encode_values(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Values `[N, H, Dv]` -> field name -> `[N, H, elems]` (dense, or `sparkkv.compress_values`)."""
+    def encode_values(self, values: torch.Tensor, rows: bool = False) -> dict[str, torch.Tensor]:
+        """Values `[N, H, Dv]` -> field name -> `[N, H, elems]` (dense, or `sparkkv.compress_values`,
+        whose statistics see the N tokens as one sequence, or each token alone when `rows`: the
+        decode tokens of N requests)."""
         if self.value_codec == "dense":
             return {"v": values.to(self.dtype)}
-        packed = compress_values(values.to(self.dtype).transpose(0, 1).unsqueeze(0), self.config.value_prune_ratio)
-        return {"v_vals": packed.vals[0].transpose(0, 1), "v_keep": packed.keep[0].transpose(0, 1),
-                "v_scale": packed.scale[0].transpose(0, 1).unsqueeze(-1)}
+        v = values.to(self.dtype)
+        if rows:
+            packed = compress_values(v.unsqueeze(2), self.config.value_prune_ratio)
+            row = lambda t: t[:, :, 0]  # noqa: E731
+        else:
+            packed = compress_values(v.transpose(0, 1).unsqueeze(0), self.config.value_prune_ratio)
+            row = lambda t: t[0].transpose(0, 1)  # noqa: E731
+        return {"v_vals": row(packed.vals), "v_keep": row(packed.keep), "v_scale": row(packed.scale.unsqueeze(-1))}
 
     def write(self, pages: torch.Tensor, page_idx: torch.Tensor, offsets: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
-        """Write records: token i goes to page `page_idx[i]`, slot `offsets[i]` (int64 `[N]`)."""
+        """Write records: token i goes to page `page_idx[i]`, slot `offsets[i]` (int64 `[N]`).
+        Tokens that fill consecutive slots of one page (a prompt) are copied as slices."""
+        n = page_idx.shape[0]
+        if n > 8:
+            cuts = torch.nonzero((page_idx[1:] != page_idx[:-1]) | (offsets[1:] != offsets[:-1] + 1)).flatten() + 1
+            bounds = [0] + cuts.tolist() + [n]
+            if len(bounds) - 1 <= n // 8:
+                pi, off = page_idx.tolist(), offsets.tolist()
+                for name, value in fields.items():
+                    view, value = self.field(pages, name), value.to(self.region(name).dtype)
+                    for a, b in zip(bounds[:-1], bounds[1:]):
+                        view[pi[a], off[a] : off[a] + b - a] = value[a:b]
+                return
         for name, value in fields.items():
             self.field(pages, name)[page_idx, offsets] = value.to(self.region(name).dtype)
 
@@ -193,35 +218,54 @@ class RecordLayout:
             out[r.name] = x.reshape(-1, self.num_kv_heads, r.elems)[:length].transpose(0, 1).contiguous()
         return out
 
+    def gather_batch(self, pages: torch.Tensor, block_table: torch.Tensor, lengths: list[int]) -> dict[str, torch.Tensor]:
+        """Pages of R requests at once: `block_table [R, nb]` (block ids, row r's first
+        `ceil(lengths[r] / block_size)` valid) -> field -> `[R, H, S, elems]`, `S = nb * block_size`.
+        Slots past a request's length hold whatever the page holds there: the caller masks them (a bias
+        of -inf). They are finite: vLLM zero-fills the KV memory and only `compress_keys` /
+        `compress_values` output (finite by their checks) is ever written."""
+        r_count, nb = block_table.shape
+        s = nb * self.block_size
+        del lengths
+        out = {}
+        for r in self.regions:
+            x = self.field(pages, r.name)[block_table]  # [R, nb, bs, H, e]
+            out[r.name] = x.view(r_count, s, self.num_kv_heads, r.elems).transpose(1, 2).contiguous()
+        return out
+
     def keys_operand(self, fields: dict[str, torch.Tensor], chan: torch.Tensor | None):
-        """Per-field tensors from `gather` -> the keys as `PackedTensor [1, H, S, D]` (or dense
-        `[1, H, S, D]` for `method="dense"`). `chan` float32 `[H, D]`: the pages' recovery factor."""
+        """Per-field tensors from `gather` (`[H, S, e]`) or `gather_batch` (`[R, H, S, e]`) -> the keys
+        as `PackedTensor [R, H, S, D]` (R = 1 for `gather`; dense `[R, H, S, D]` for `method="dense"`).
+        `chan` float32 `[H, D]` or `[R, H, D]`: the pages' recovery factor."""
+        f = {n: t if t.dim() == 4 else t.unsqueeze(0) for n, t in fields.items()}
         if self.key_codec == "dense":
-            return fields["k"].unsqueeze(0)
-        s = fields["k_vals"].shape[1]
+            return f["k"]
+        b, _, s, _ = f["k_vals"].shape
+        if chan is not None and chan.dim() == 2:
+            chan = chan.unsqueeze(0)
         return PackedTensor(
-            shape=(1, self.num_kv_heads, s, self.head_dim), dtype=self.dtype,
-            vals=fields["k_vals"].unsqueeze(0), keep=fields["k_keep"].unsqueeze(0),
-            sign=fields["k_sign"].unsqueeze(0) if "k_sign" in fields else None,
-            scale=fields["k_scale"].squeeze(-1).unsqueeze(0) if "k_scale" in fields else None,
-            chan=None if chan is None else chan.unsqueeze(0))
+            shape=(b, self.num_kv_heads, s, self.head_dim), dtype=self.dtype, vals=f["k_vals"], keep=f["k_keep"],
+            sign=f.get("k_sign"), scale=f["k_scale"].squeeze(-1) if "k_scale" in f else None, chan=chan)
 
     def values_operand(self, fields: dict[str, torch.Tensor]):
         """Per-field tensors from `gather` -> the values as dense `[1, H, S, Dv]` or `PackedTensor`."""
+        f = {n: t if t.dim() == 4 else t.unsqueeze(0) for n, t in fields.items()}
         if self.value_codec == "dense":
-            return fields["v"].unsqueeze(0)
-        s = fields["v_vals"].shape[1]
-        return PackedTensor(shape=(1, self.num_kv_heads, s, self.head_dim_v), dtype=self.dtype,
-                            vals=fields["v_vals"].unsqueeze(0), keep=fields["v_keep"].unsqueeze(0),
-                            scale=fields["v_scale"].squeeze(-1).unsqueeze(0))
+            return f["v"]
+        b, _, s, _ = f["v_vals"].shape
+        return PackedTensor(shape=(b, self.num_kv_heads, s, self.head_dim_v), dtype=self.dtype,
+                            vals=f["v_vals"], keep=f["v_keep"], scale=f["v_scale"].squeeze(-1))
 
     def chan(self, qn: torch.Tensor) -> torch.Tensor | None:
-        """The recovery factor float32 `[H, D]` for keys compressed with `qn [H, D]` (None when the
-        recovery stores none). Taken from the library: the `chan` field `compress_keys` returns."""
+        """The recovery factor float32 `[H, D]` (or `[R, H, D]`) for keys compressed with `qn [H, D]`
+        (or `[R, H, D]`); None when the recovery stores none. Taken from the library: the `chan` field `compress_keys` returns."""
         if self.key_codec == "dense" or self.config.recovery == "zero":
             return None
-        probe = torch.ones(1, self.num_kv_heads, 1, self.head_dim, dtype=torch.float32)
-        return compress_keys(probe, None, self.config, qn=qn.unsqueeze(0).float()).chan[0]
+        batched = qn.dim() == 3
+        qn = qn if batched else qn.unsqueeze(0)
+        probe = torch.ones(qn.shape[0], self.num_kv_heads, 1, self.head_dim, dtype=torch.float32, device=qn.device)
+        chan = compress_keys(probe, None, self.config, qn=qn.float()).chan
+        return chan if batched else chan[0]
 
 
 def _kept_counts(config: SparKConfig, key_codec: str, value_codec: str, h: int, d: int, dv: int) -> tuple[int, int]:
