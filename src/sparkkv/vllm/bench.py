@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "--new-tokens", str(args.new_tokens), "--kv-bytes", str(args.kv_bytes)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode or not out.is_file():
-                tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+                tail = "\n".join(line for line in (done.stdout + done.stderr).strip().splitlines() if "Error" in line or "error" in line)[-3000:]
                 raise RuntimeError(f"configuration {name} failed (exit {done.returncode}):\n{tail}")
             rows.append(json.loads(out.read_text()))
         print(f"{name}: {rows[-1]['kv_tokens']:,} KV tokens, {rows[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)

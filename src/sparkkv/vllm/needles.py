@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "--engine", args.engine, "--sparkkv", args.sparkkv]
             done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             if done.returncode or not out.is_file():
-                tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+                tail = "\n".join(line for line in (done.stdout + done.stderr).strip().splitlines() if "Error" in line or "error" in line)[-3000:]
                 raise RuntimeError(f"configuration {name} failed (exit {done.returncode}):\n{tail}")
             rows.append(json.loads(out.read_text()))
         r = rows[-1]
