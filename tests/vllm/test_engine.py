@@ -114,7 +114,7 @@ def test_bad_config_is_one_line_at_startup():
     lines = [line for line in done.stderr.splitlines() if "sparkkv.vllm: bad additional_config" in line]
     assert lines, done.stderr[-3000:]
     assert "key_prune_ratio must be a number in [0, 1), got 1.5" in lines[-1]
-    assert "EngineCore" not in done.stderr and "Worker" not in done.stderr  # no engine process was started
+    assert "(EngineCore pid=" not in done.stderr and "(Worker pid=" not in done.stderr  # no engine process started
     assert time.time() - start < 300
 
 
