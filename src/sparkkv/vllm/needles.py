@@ -45,8 +45,9 @@ def run_one(name: str, args) -> dict:
     kw = dict(engine)
     if fields is not None:
         kw.update(attention_backend="CUSTOM", additional_config={"sparkkv": {**fields, **json.loads(args.sparkkv)}})
-    llm = LLM(model=str(vllm_model_dir()), enforce_eager=True, max_model_len=args.length + 128, seed=0,
-              max_num_batched_tokens=max(args.length + 128, 4096), **kw)
+    base = {"enforce_eager": True, "max_model_len": args.length + 128, "seed": 0,
+            "max_num_batched_tokens": max(args.length + 128, 4096)}
+    llm = LLM(model=str(vllm_model_dir()), **{**base, **kw})
     samples = _samples(llm.get_tokenizer(), args.task, args.length, args.n, args.seed, Path(args.haystack))
     start = time.perf_counter()
     rows = []
