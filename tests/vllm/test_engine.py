@@ -46,13 +46,31 @@ def _model_or_skip():
                     "`python -c \"import sparkkv; sparkkv.models.load('smollm2-135m')\"` in the main venv")
 
 
+def _run(cmd: list[str], env: dict, timeout: int) -> tuple[int, str, str]:
+    """Run `cmd` in its own process group with its output in files (not pipes: an engine worker that
+    outlives its parent for a while would keep a pipe open), then end whatever is left of the group."""
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0), err.seek(0)
+        return code, out.read(), err.read()
+
+
 def run_engine(engine: dict, prompts=PROMPTS, max_tokens=32, env=None) -> dict:
     _model_or_skip()
     spec = json.dumps({"engine": engine, "prompts": prompts, "max_tokens": max_tokens})
-    done = subprocess.run([sys.executable, str(HERE / "engine_run.py"), spec], capture_output=True, text=True,
-                          env=env or _env(), timeout=900)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, (done.stdout + done.stderr)[-4000:]
+    code, stdout, stderr = _run([sys.executable, str(HERE / "engine_run.py"), spec], env or _env(), 900)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert code == 0 and lines, (stdout + stderr)[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -109,12 +127,12 @@ def test_bad_config_is_one_line_at_startup():
             "    LLM(model=str(vllm_model_dir()), attention_backend='CUSTOM', enforce_eager=True,\n"
             "        additional_config={'sparkkv': {'key_prune_ratio': 1.5}})\n")
     start = time.time()
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=600)
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if "sparkkv.vllm: bad additional_config" in line]
-    assert lines, done.stderr[-3000:]
+    returncode, _, stderr = _run([sys.executable, "-c", code], _env(), 600)
+    assert returncode != 0
+    lines = [line for line in stderr.splitlines() if "sparkkv.vllm: bad additional_config" in line]
+    assert lines, stderr[-3000:]
     assert "key_prune_ratio must be a number in [0, 1), got 1.5" in lines[-1]
-    assert "(EngineCore pid=" not in done.stderr and "(Worker pid=" not in done.stderr  # no engine process started
+    assert "(EngineCore pid=" not in stderr and "(Worker pid=" not in stderr  # no engine process started
     assert time.time() - start < 300
 
 
@@ -132,7 +150,7 @@ def test_openai_server_answers_http_clients():
            "--max-model-len", "2048", "--served-model-name", "smollm2", "--attention-backend", "CUSTOM",
            "--additional-config", json.dumps({"sparkkv": {"key_prune_ratio": 0.8}})]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"sparkkv-vllm-serve-{port}.log", "w")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 600
@@ -158,9 +176,15 @@ def test_openai_server_answers_http_clients():
         completion = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
         assert completion.choices[0].text.strip()
     finally:
+        import signal
+
         server.terminate()
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            server.kill()
+            pass
+        try:
+            os.killpg(server.pid, signal.SIGKILL)  # the server's engine processes, if any are left
+        except ProcessLookupError:
+            pass
         log.close()
