@@ -32,6 +32,7 @@ TIE_NATS = 0.1
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k != "VLLM_PLUGINS"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")  # a loaded 2-core machine is slow
     env.update(extra)
     return env
 

@@ -178,6 +178,7 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
         self._layout: RecordLayout | None = None
         self._path: str | None = None
         self._chan_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        _warm_kernels(self.config)
 
     # --- setup --------------------------------------------------------------------------------
     def _layout_for(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> RecordLayout:
@@ -398,6 +399,17 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
 
         merged = merge_partials(parts + [own])  # [1, Hkv, G * L, Dv]
         return merged[0].reshape(h, g, length, -1).permute(2, 0, 1, 3).reshape(length, hq, -1)
+
+
+def _warm_kernels(config) -> None:
+    """Build (or load) sparkkv's C++ kernels while the model is constructed: a first build takes about
+    a minute, and inside a forward it would count against vLLM's execute_model timeout (300 s)."""
+    if config.attention_backend not in ("auto", "cpu"):
+        return
+    from ..kernels import cpu, cpu_compress
+
+    cpu.load()
+    cpu_compress.available()
 
 
 def _reference_partials(rows: torch.Tensor, keys, values, scale: float):
