@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("bench", help="side-by-side benchmarks: bytes, methods (error vs dense), decode timing, hybrid models")
-    p.add_argument("what", choices=["bytes", "methods", "decode", "hybrid", "compress"], help="which benchmark")
+    p.add_argument("what", choices=["bytes", "methods", "decode", "hybrid", "compress", "vllm"],
+                   help="which benchmark (vllm: stock vLLM vs the sparkkv plugin, `python -m sparkkv.vllm.bench --help`)")
     p.add_argument("--contexts", type=_int_at_least(64), nargs="+", default=[4096, 32768],
                    help="bytes/decode/hybrid/compress: context lengths in tokens, >= 64")
     p.add_argument("--kv-heads", type=_int_at_least(1), default=8)
@@ -463,6 +464,11 @@ def cmd_bench(args) -> None:
 
     from .eval import bench
 
+    if args.what == "vllm":  # its own options: python -m sparkkv.vllm.bench --help
+        from .vllm.bench import main as vllm_bench
+
+        vllm_bench([] if args.json is None else ["--json", str(args.json)])
+        return
     dtype = _torch_dtype(args.dtype)
     if args.what == "methods":
         print(bench.methods_table(args.prompt_tokens, args.budget, dtype=dtype))

@@ -1,0 +1,303 @@
+"""The SparK page: fixed-size per-token records in one vLLM KV-cache page, declared in one place.
+
+vLLM gives every attention layer a KV cache of `num_blocks` pages; a page holds `block_size` tokens
+of every KV head of the layer. This module fixes what a page of the SparK backend holds and how to
+read and write it. Everything else in `sparkkv.vllm` goes through `RecordLayout`.
+
+Page = field regions, then a header (byte offsets are multiples of 16):
+
+    region  k_vals   [block_size, H, T]     model dtype   kept key values, ascending channels
+    region  k_keep   [block_size, H, D/8]   uint8         bit c%8 of byte c//8: channel c kept
+    region  k_sign   [block_size, H, D/8]   uint8         bit set: pruned entry positive (recovery mean/constant)
+    region  k_scale  [block_size, H]        scale dtype   recovery magnitude sqrt(a_t) (recovery mean)
+    region  v        [block_size, H, Dv]    model dtype   the value (value codec "dense"), or
+    region  v_vals / v_keep / v_scale                     pruned values (codec "pruned": compress_values)
+    header  qn       [H, D]                 float32       the query norms every key of this page was compressed with
+
+(`method="dense"` stores region `k [block_size, H, D]` instead of the four key regions.)
+A token's record is its row of every region: `record_bytes` per (token, KV head) is fixed, so the
+page holds exactly `block_size` tokens and the header costs `H * D * 4` bytes per page.
+
+The header makes a page self-contained: `chan = 1/sqrt(qn)` (the recovery factor) and the scale of
+every key in the page were computed from the same `qn`, so a page shared by prefix caching decodes the
+same in every request that reads it. `qn` is written by the first write into a page; later tokens
+written into the same page are compressed with the `qn` already there (see `backend.py`).
+
+Field-major regions make per-field reads cheap: gathering a request's pages and slicing one region
+gives the `[S, H, X]` tensor that `PackedTensor` and the fused kernels take, with one copy per field.
+
+Adding a value codec (8/4/2-bit quantized kinds): add its regions in `_value_fields`, its encoder in
+`encode_values` and its reader in `values_operand`; nothing else reads value bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SparKConfig
+from ..method import compress_keys, compress_values
+from ..packed import PackedTensor
+
+_ALIGN = 16
+KEY_CODECS = ("spark", "dense")
+VALUE_CODECS = ("dense", "pruned")
+
+
+def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-row scalars are float32 for float16 models (a magnitude can exceed 65504), as in `packed.py`."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+@dataclass(frozen=True)
+class Region:
+    """One field of the page: `[block_size, H, elems]` of `dtype` starting at byte `offset`."""
+
+    name: str
+    dtype: torch.dtype
+    elems: int
+    offset: int
+    nbytes: int
+
+
+def _align(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Where every field of a SparK page lives, for one layer geometry and configuration.
+
+    num_kv_heads `H`, head_dim `D` (keys), head_dim_v `Dv`, block_size tokens per page, dtype the model
+    dtype of stored values. Built with `RecordLayout.create(config, ...)`.
+    """
+
+    config: SparKConfig
+    num_kv_heads: int
+    head_dim: int
+    head_dim_v: int
+    block_size: int
+    dtype: torch.dtype
+    key_codec: str
+    value_codec: str
+    kept: int  # T, key channels stored per token
+    kept_v: int  # value channels stored per token (Dv for dense values)
+    regions: tuple[Region, ...]
+    header_offset: int
+    page_bytes: int
+
+    @classmethod
+    def create(cls, config: SparKConfig, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+               head_dim_v: int | None = None) -> "RecordLayout":
+        check_config(config)
+        dv = head_dim if head_dim_v is None else head_dim_v
+        if head_dim % 8 or dv % 8:
+            raise ValueError(f"head_dim {head_dim} / {dv}: sparkkv packs one bit per channel, so head dims must be multiples of 8")
+        key_codec = "dense" if config.channel_policy == "dense" else "spark"
+        value_codec = "pruned" if config.value_prune_ratio > 0 else "dense"
+        t, tv = _kept_counts(config, key_codec, value_codec, num_kv_heads, head_dim, dv)
+        sdt = _scale_dtype(dtype)
+        fields: list[tuple[str, torch.dtype, int]] = []
+        if key_codec == "dense":
+            fields.append(("k", dtype, head_dim))
+        else:
+            fields += [("k_vals", dtype, t), ("k_keep", torch.uint8, head_dim // 8)]
+            if config.recovery in ("mean", "constant"):
+                fields.append(("k_sign", torch.uint8, head_dim // 8))
+            if config.recovery == "mean":
+                fields.append(("k_scale", sdt, 1))
+        fields += _value_fields(value_codec, dtype, dv, tv)
+        regions, offset = [], 0
+        for name, dt, elems in fields:
+            nbytes = block_size * num_kv_heads * elems * dt.itemsize
+            regions.append(Region(name, dt, elems, offset, nbytes))
+            offset += _align(nbytes)
+        header_offset = offset
+        page_bytes = _align(offset + (num_kv_heads * head_dim * 4 if key_codec == "spark" else 0))
+        return cls(config, num_kv_heads, head_dim, dv, block_size, dtype, key_codec, value_codec, t,
+                   tv if value_codec == "pruned" else dv, tuple(regions), header_offset, page_bytes)
+
+    # --- sizes ---------------------------------------------------------------------------------
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of one token's record for one KV head (all regions, no header, no alignment)."""
+        return sum(r.elems * r.dtype.itemsize for r in self.regions)
+
+    @property
+    def header_bytes(self) -> int:
+        return self.page_bytes - self.header_offset
+
+    @property
+    def dense_token_bytes(self) -> int:
+        """What stock vLLM stores per token and KV head: K and V in the model dtype."""
+        return (self.head_dim + self.head_dim_v) * self.dtype.itemsize
+
+    def region(self, name: str) -> Region:
+        for r in self.regions:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    # --- views over raw pages ------------------------------------------------------------------
+    def field(self, pages: torch.Tensor, name: str) -> torch.Tensor:
+        """`pages` uint8 `[P, >= page_bytes]` -> view `[P, block_size, H, elems]` of field `name`."""
+        r = self.region(name)
+        raw = pages[:, r.offset : r.offset + r.nbytes]
+        return raw.view(r.dtype).view(pages.shape[0], self.block_size, self.num_kv_heads, r.elems)
+
+    def header(self, pages: torch.Tensor) -> torch.Tensor:
+        """`pages` uint8 `[P, >= page_bytes]` -> view float32 `[P, H, D]` of the pages' `qn`."""
+        raw = pages[:, self.header_offset : self.header_offset + self.num_kv_heads * self.head_dim * 4]
+        return raw.view(torch.float32).view(pages.shape[0], self.num_kv_heads, self.head_dim)
+
+    # --- encode ----------------------------------------------------------------------------------
+    def encode_keys(self, keys: torch.Tensor, qn: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Keys `[N, H, D]` compressed with `qn` float32 `[H, D]` (one for all N tokens) or `[N, H, D]`
+        (one per token: decode steps of N requests) -> field name -> `[N, H, elems]`.
+
+        Runs `sparkkv.compress_keys` (the library's SparK; this module only places its fields)."""
+        if self.key_codec == "dense":
+            return {"k": keys.to(self.dtype)}
+        if qn.dim() == 3:  # batch of one-token rows: [N, H, 1, D]
+            packed = compress_keys(keys.to(self.dtype).unsqueeze(2), None, self.config, qn=qn)
+            row = lambda t: t[:, :, 0]  # noqa: E731
+        else:
+            packed = compress_keys(keys.to(self.dtype).transpose(0, 1).unsqueeze(0), None, self.config, qn=qn.unsqueeze(0))
+            row = lambda t: t[0].transpose(0, 1)  # noqa: E731
+        out = {"k_vals": row(packed.vals), "k_keep": row(packed.keep)}
+        if "k_sign" in self._names:
+            out["k_sign"] = row(packed.sign)
+        if "k_scale" in self._names:
+            out["k_scale"] = row(packed.scale.unsqueeze(-1))
+        return out
+
+    def encode_values(self, values: torch.Tensor, rows: bool = False) -> dict[str, torch.Tensor]:
+        """Values `[N, H, Dv]` -> field name -> `[N, H, elems]` (dense, or `sparkkv.compress_values`,
+        whose statistics see the N tokens as one sequence, or each token alone when `rows`: the
+        decode tokens of N requests)."""
+        if self.value_codec == "dense":
+            return {"v": values.to(self.dtype)}
+        v = values.to(self.dtype)
+        if rows:
+            packed = compress_values(v.unsqueeze(2), self.config.value_prune_ratio)
+            row = lambda t: t[:, :, 0]  # noqa: E731
+        else:
+            packed = compress_values(v.transpose(0, 1).unsqueeze(0), self.config.value_prune_ratio)
+            row = lambda t: t[0].transpose(0, 1)  # noqa: E731
+        return {"v_vals": row(packed.vals), "v_keep": row(packed.keep), "v_scale": row(packed.scale.unsqueeze(-1))}
+
+    def write(self, pages: torch.Tensor, page_idx: torch.Tensor, offsets: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
+        """Write records: token i goes to page `page_idx[i]`, slot `offsets[i]` (int64 `[N]`).
+        Tokens that fill consecutive slots of one page (a prompt) are copied as slices."""
+        n = page_idx.shape[0]
+        if n > 8:
+            cuts = torch.nonzero((page_idx[1:] != page_idx[:-1]) | (offsets[1:] != offsets[:-1] + 1)).flatten() + 1
+            bounds = [0] + cuts.tolist() + [n]
+            if len(bounds) - 1 <= n // 8:
+                pi, off = page_idx.tolist(), offsets.tolist()
+                for name, value in fields.items():
+                    view, value = self.field(pages, name), value.to(self.region(name).dtype)
+                    for a, b in zip(bounds[:-1], bounds[1:]):
+                        view[pi[a], off[a] : off[a] + b - a] = value[a:b]
+                return
+        for name, value in fields.items():
+            self.field(pages, name)[page_idx, offsets] = value.to(self.region(name).dtype)
+
+    @property
+    def _names(self) -> set[str]:
+        return {r.name for r in self.regions}
+
+    # --- decode -----------------------------------------------------------------------------------
+    def gather(self, pages: torch.Tensor, block_ids: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+        """The first `length` tokens held by pages `block_ids` (in order): field -> `[H, length, elems]`
+        (contiguous copies, the per-field tensors `PackedTensor` and the kernels take)."""
+        out = {}
+        for r in self.regions:
+            x = self.field(pages, r.name)[block_ids]  # [P, bs, H, e]
+            out[r.name] = x.reshape(-1, self.num_kv_heads, r.elems)[:length].transpose(0, 1).contiguous()
+        return out
+
+    def gather_batch(self, pages: torch.Tensor, block_table: torch.Tensor, lengths: list[int]) -> dict[str, torch.Tensor]:
+        """Pages of R requests at once: `block_table [R, nb]` (block ids, row r's first
+        `ceil(lengths[r] / block_size)` valid) -> field -> `[R, H, S, elems]`, `S = nb * block_size`.
+        Slots past a request's length hold whatever the page holds there: the caller masks them (a bias
+        of -inf). They are finite: vLLM zero-fills the KV memory and only `compress_keys` /
+        `compress_values` output (finite by their checks) is ever written."""
+        r_count, nb = block_table.shape
+        s = nb * self.block_size
+        del lengths
+        out = {}
+        for r in self.regions:
+            x = self.field(pages, r.name)[block_table]  # [R, nb, bs, H, e]
+            out[r.name] = x.view(r_count, s, self.num_kv_heads, r.elems).transpose(1, 2).contiguous()
+        return out
+
+    def keys_operand(self, fields: dict[str, torch.Tensor], chan: torch.Tensor | None):
+        """Per-field tensors from `gather` (`[H, S, e]`) or `gather_batch` (`[R, H, S, e]`) -> the keys
+        as `PackedTensor [R, H, S, D]` (R = 1 for `gather`; dense `[R, H, S, D]` for `method="dense"`).
+        `chan` float32 `[H, D]` or `[R, H, D]`: the pages' recovery factor."""
+        f = {n: t if t.dim() == 4 else t.unsqueeze(0) for n, t in fields.items()}
+        if self.key_codec == "dense":
+            return f["k"]
+        b, _, s, _ = f["k_vals"].shape
+        if chan is not None and chan.dim() == 2:
+            chan = chan.unsqueeze(0)
+        return PackedTensor(
+            shape=(b, self.num_kv_heads, s, self.head_dim), dtype=self.dtype, vals=f["k_vals"], keep=f["k_keep"],
+            sign=f.get("k_sign"), scale=f["k_scale"].squeeze(-1) if "k_scale" in f else None, chan=chan)
+
+    def values_operand(self, fields: dict[str, torch.Tensor]):
+        """Per-field tensors from `gather` -> the values as dense `[1, H, S, Dv]` or `PackedTensor`."""
+        f = {n: t if t.dim() == 4 else t.unsqueeze(0) for n, t in fields.items()}
+        if self.value_codec == "dense":
+            return f["v"]
+        b, _, s, _ = f["v_vals"].shape
+        return PackedTensor(shape=(b, self.num_kv_heads, s, self.head_dim_v), dtype=self.dtype,
+                            vals=f["v_vals"], keep=f["v_keep"], scale=f["v_scale"].squeeze(-1))
+
+    def chan(self, qn: torch.Tensor) -> torch.Tensor | None:
+        """The recovery factor float32 `[H, D]` (or `[R, H, D]`) for keys compressed with `qn [H, D]`
+        (or `[R, H, D]`); None when the recovery stores none. Taken from the library: the `chan` field `compress_keys` returns."""
+        if self.key_codec == "dense" or self.config.recovery == "zero":
+            return None
+        batched = qn.dim() == 3
+        qn = qn if batched else qn.unsqueeze(0)
+        probe = torch.ones(qn.shape[0], self.num_kv_heads, 1, self.head_dim, dtype=torch.float32, device=qn.device)
+        chan = compress_keys(probe, None, self.config, qn=qn.float()).chan
+        return chan if batched else chan[0]
+
+
+def _kept_counts(config: SparKConfig, key_codec: str, value_codec: str, h: int, d: int, dv: int) -> tuple[int, int]:
+    """Key and value channels the library keeps per token, read off one probe compression (so the
+    count is the library's rule, not a copy of it)."""
+    t = d
+    if key_codec == "spark":
+        probe = torch.randn(1, h, 1, d, generator=torch.Generator().manual_seed(0))
+        t = compress_keys(probe, None, config, qn=torch.ones(1, h, d)).vals.shape[-1]
+    tv = dv
+    if value_codec == "pruned":
+        tv = compress_values(torch.randn(1, h, 1, dv, generator=torch.Generator().manual_seed(0)), config.value_prune_ratio).vals.shape[-1]
+    return t, tv
+
+
+def _value_fields(codec: str, dtype: torch.dtype, dv: int, tv: int) -> list[tuple[str, torch.dtype, int]]:
+    if codec == "dense":
+        return [("v", dtype, dv)]
+    return [("v_vals", dtype, tv), ("v_keep", torch.uint8, dv // 8), ("v_scale", _scale_dtype(dtype), 1)]
+
+
+def check_config(config: SparKConfig) -> None:
+    """ValueError (one line, naming the field) for configurations fixed-size records cannot store."""
+    if config.eviction is not None:
+        raise ValueError(f"sparkkv.vllm: method={config.method!r} evicts tokens; the vLLM backend stores every token "
+                         "(allowed methods: 'spark', 'dense')")
+    if config.channel_policy not in ("spark", "dense"):
+        raise ValueError(f"sparkkv.vllm: method={config.method!r} is not served by the vLLM backend (allowed: 'spark', 'dense')")
+    if config.channel_policy == "spark":
+        if config.selection != "ratio":
+            raise ValueError(f"sparkkv.vllm: selection={config.selection!r} keeps a variable number of channels per token; "
+                             "fixed-size records need selection='ratio'")
+        if config.recovery not in ("mean", "zero", "constant"):
+            raise ValueError(f"sparkkv.vllm: recovery={config.recovery!r} stores one value per pruned entry; "
+                             "allowed: 'mean', 'zero', 'constant'")

@@ -1,0 +1,167 @@
+"""The SparK attention impl (sparkkv.vllm.backend) driven directly, without an engine: a vLLM-shaped
+page view, hand-built metadata (block table, slot mapping, query starts), a prefill then decode
+steps, against a float64 reference built from the library's own `compress_keys(...).dense()`."""
+
+import math
+
+import pytest
+import torch
+
+vllm_backend = pytest.importorskip("vllm.v1.attention.backend", reason="vLLM is not installed (tests/vllm need the vLLM venv)")
+
+import sparkkv  # noqa: E402
+from sparkkv.method import window_query_norm  # noqa: E402
+from sparkkv.vllm import settings  # noqa: E402
+from sparkkv.vllm.backend import SparKAttentionBackend, SparKAttentionImpl, SparKMetadata  # noqa: E402
+
+
+def _kv_view(spec, num_blocks):
+    """What vLLM hands a layer: `[num_blocks, 1, block_size, C]` in the model dtype over pages of
+    `spec.page_size_bytes` (LBHNC layout, page padding at the end of each page)."""
+    page = spec.page_size_bytes
+    raw = torch.zeros(num_blocks * page, dtype=torch.uint8)
+    item = spec.dtype.itemsize
+    c = spec.state_content_bytes // item
+    return torch.as_strided(raw.view(spec.dtype), (num_blocks, 1, spec.block_size, c), (page // item, c * spec.block_size, c, 1))
+
+
+def _setup(monkeypatch, fields, h=3, g=3, d=64, bs=16, dtype=torch.bfloat16):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    monkeypatch.setattr(settings, "_cached", settings.parse({"sparkkv": fields}))
+    monkeypatch.setattr("vllm.config.get_current_vllm_config_or_none", lambda: None)
+    spec = SparKAttentionBackend.customize_spec(FullAttentionSpec(block_size=bs, num_kv_heads=h, head_size=d, dtype=dtype))
+    impl = SparKAttentionImpl(num_heads=h * g, head_size=d, scale=d**-0.5, num_kv_heads=h)
+    return spec, impl
+
+
+class Request:
+    def __init__(self, prompt, h, g, d, dtype, blocks):
+        self.q = torch.randn(prompt, h * g, d).to(dtype)
+        self.k = torch.randn(prompt, h, d).to(dtype)
+        self.v = torch.randn(prompt, h, d).to(dtype)
+        self.blocks = blocks
+        self.done = 0  # tokens in the pages
+
+    def step(self, n):
+        """(q, k, v) of the next n tokens (generated on the fly past the prompt)."""
+        while self.q.shape[0] < self.done + n:
+            for name in ("q", "k", "v"):
+                t = getattr(self, name)
+                setattr(self, name, torch.cat([t, torch.randn(1, *t.shape[1:]).to(t.dtype)]))
+        sl = slice(self.done, self.done + n)
+        return self.q[sl], self.k[sl], self.v[sl]
+
+
+def _run_step(impl, kv, bs, reqs, lengths, prompt_lens):
+    qs, ks, vs, qsl, seqs, slots, pre = [], [], [], [0], [], [], []
+    for req, n in zip(reqs, lengths):
+        q, k, v = req.step(n)
+        qs.append(q), ks.append(k), vs.append(v)
+        pos = torch.arange(req.done, req.done + n)
+        slots.append(req.blocks[pos // bs] * bs + pos % bs)
+        seqs.append(req.done + n)
+        pre.append(req.done < prompt_lens[reqs.index(req)])
+        qsl.append(qsl[-1] + n)
+    width = max(len(r.blocks) for r in reqs)
+    table = torch.stack([torch.nn.functional.pad(r.blocks, (0, width - len(r.blocks))) for r in reqs]).int()
+    meta = SparKMetadata(num_actual_tokens=qsl[-1], num_reqs=len(reqs), query_start_loc=qsl, seq_lens=seqs,
+                         prefilling=pre, block_table=table, slot_mapping=torch.cat(slots))
+    q, k, v = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+    out = torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=q.dtype)
+    impl.forward(None, q, k, v, kv, meta, output=out)
+    for req, n in zip(reqs, lengths):
+        req.done += n
+    return out, qsl
+
+
+def _reference(req, config, prompt_len, pos, h, g, d, window):
+    """float64 attention of query `pos` over keys 0..pos: prompt keys and earlier decode keys as the
+    library compresses them with the prompt's qn (own key dense), values dense."""
+    qn = window_query_norm(req.q[prompt_len - window:prompt_len].transpose(0, 1).unsqueeze(0), h)
+    keys = req.k[:pos].transpose(0, 1).unsqueeze(0)
+    stored = sparkkv.compress_keys(keys, None, config, qn=qn).dense(torch.float32).double() if pos else keys.double()
+    kall = torch.cat([stored, req.k[pos:pos + 1].transpose(0, 1).unsqueeze(0).double()], dim=2)[0]  # [H, pos+1, D]
+    vall = req.v[: pos + 1].transpose(0, 1).double()
+    q = req.q[pos].view(h, g, d).double()
+    logits = torch.einsum("hgd,hsd->hgs", q, kall) * d**-0.5
+    return torch.einsum("hgs,hsd->hgd", logits.softmax(-1), vall).reshape(h * g, d)
+
+
+@pytest.mark.parametrize("path,tol", [("torch", 2e-2), ("cpu", 3e-2)])
+@pytest.mark.parametrize("ratio", [0.0, 0.8])
+def test_prefill_then_decode_matches_reference(monkeypatch, seed, path, tol, ratio):
+    h, g, d, bs = 3, 3, 64, 16
+    fields = {"key_prune_ratio": ratio, "attention_backend": path}
+    spec, impl = _setup(monkeypatch, fields, h, g, d, bs)
+    kv = _kv_view(spec, 64)
+    config = sparkkv.SparKConfig(**{k: v for k, v in fields.items()})
+    prompts = [37, 70]
+    perm = torch.randperm(63) + 1
+    reqs = [Request(prompts[0], h, g, d, torch.bfloat16, perm[:4]), Request(prompts[1], h, g, d, torch.bfloat16, perm[4:10])]
+    out, _ = _run_step(impl, kv, bs, reqs, prompts, prompts)
+    # prefill output: dense causal attention over the prompt
+    for req, (a, b) in zip(reqs, [(0, 37), (37, 107)]):
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            req.q[:b - a].transpose(0, 1).unsqueeze(0).float(), req.k[:b - a].transpose(0, 1).unsqueeze(0).float(),
+            req.v[:b - a].transpose(0, 1).unsqueeze(0).float(), is_causal=True, scale=d**-0.5, enable_gqa=True)
+        torch.testing.assert_close(out[a:b].float(), dense[0].transpose(0, 1), rtol=0, atol=1e-2)
+    for step in range(12):  # crosses a page boundary for request 0 (37 + 12 > 48)
+        out, qsl = _run_step(impl, kv, bs, reqs, [1, 1], prompts)
+        for i, req in enumerate(reqs):
+            ref = _reference(req, config, prompts[i], req.done - 1, h, g, d, min(32, prompts[i]))
+            err = (out[qsl[i]].double() - ref).norm() / ref.norm()
+            assert err < tol, (step, i, float(err))
+
+
+def test_chunked_prefill_pages_keep_their_first_qn(monkeypatch, seed):
+    """A prompt in two chunks whose boundary falls inside a page: the rest of that page is compressed
+    with the first chunk's qn (its header), later pages with the second chunk's; decode steps then
+    read two runs of pages and still match attention over the keys compressed that way."""
+    h, g, d, bs = 2, 2, 64, 16
+    spec, impl = _setup(monkeypatch, {"key_prune_ratio": 0.8, "attention_backend": "torch"}, h, g, d, bs)
+    kv = _kv_view(spec, 16)
+    req = Request(50, h, g, d, torch.float32 if False else torch.bfloat16, torch.tensor([7, 3, 11, 5]))
+    _run_step(impl, kv, bs, [req], [20], [50])
+    _run_step(impl, kv, bs, [req], [30], [50])
+    from sparkkv.vllm.records import RecordLayout
+
+    layout = RecordLayout.create(sparkkv.SparKConfig(key_prune_ratio=0.8), h, d, bs, torch.bfloat16)
+    pages = torch.as_strided(kv.view(torch.uint8), (16, spec.page_size_bytes), (kv.view(torch.uint8).stride(0), 1))
+    hdr = layout.header(pages)
+    qn1 = window_query_norm(req.q[:20].transpose(0, 1).unsqueeze(0)[:, :, -20:], h)[0]
+    qn2 = window_query_norm(req.q[20:50].transpose(0, 1).unsqueeze(0), h)[0]
+    assert torch.equal(hdr[7], qn1) and torch.equal(hdr[3], qn1)  # page 3 holds tokens 16..31
+    assert torch.equal(hdr[11], qn2) and torch.equal(hdr[5], qn2)
+    out, _ = _run_step(impl, kv, bs, [req], [1], [50])
+    config = sparkkv.SparKConfig(key_prune_ratio=0.8)
+    k = req.k[:50].transpose(0, 1).unsqueeze(0)
+    stored = torch.cat([sparkkv.compress_keys(k[:, :, :32], None, config, qn=qn1.unsqueeze(0)).dense(torch.float32),
+                        sparkkv.compress_keys(k[:, :, 32:], None, config, qn=qn2.unsqueeze(0)).dense(torch.float32)], 2)
+    kall = torch.cat([stored, req.k[50:51].transpose(0, 1).unsqueeze(0).float()], 2)[0].double()
+    q = req.q[50].view(h, g, d).double()
+    ref = torch.einsum("hgs,hsd->hgd", (torch.einsum("hgd,hsd->hgs", q, kall) / math.sqrt(d)).softmax(-1),
+                       req.v[:51].transpose(0, 1).double()).reshape(h * g, d)
+    assert (out[0].double() - ref).norm() / ref.norm() < 2e-2
+
+
+def test_page_size_follows_records(monkeypatch):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    stock = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
+    spec, _ = _setup(monkeypatch, {"key_prune_ratio": 0.8}, 3, 3, 64, 128)
+    assert stock.page_size_bytes == 128 * 3 * 256
+    assert spec.page_size_bytes == 128 * 3 * 172 + 3 * 64 * 4
+    assert stock.page_size_bytes / spec.page_size_bytes > 1.47
+
+
+def test_bad_additional_config_is_one_line():
+    with pytest.raises(ValueError) as info:
+        settings.parse({"sparkkv": {"key_prune_ratio": 1.5}})
+    message = str(info.value)
+    assert "\n" not in message and "key_prune_ratio" in message and "[0, 1)" in message
+    with pytest.raises(ValueError, match="unknown SparKConfig fields"):
+        settings.parse({"sparkkv": {"key_prune": 0.5}})
+    with pytest.raises(ValueError, match="vllm_prefix_caching"):
+        settings.parse({"sparkkv": {"vllm_prefix_caching": "yes"}})
+    assert settings.parse({}).config == sparkkv.SparKConfig()
