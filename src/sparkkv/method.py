@@ -191,6 +191,16 @@ RECOVERY_RULES = {
 }
 
 
+def recovery_channel_factor(qn: torch.Tensor, config: SparKConfig) -> torch.Tensor | None:
+    """The per-channel factor `chan [B, Hkv, D]` that `compress_keys` stores for these query norms
+    `qn [B, Hkv, D]` (mean recovery: `1/sqrt(qn)`; constant: the constant), or None (zero and the
+    sampled recoveries store none): what a store that keeps `qn` per page needs to rebuild keys."""
+    rule = RECOVERY_RULES[config.recovery]
+    if not isinstance(rule, DeterministicRecovery):
+        return None
+    return rule.fields(torch.zeros(qn.shape[:2], device=qn.device), qn.float(), config)[1]
+
+
 def recover(
     keys: torch.Tensor,
     s: torch.Tensor,
