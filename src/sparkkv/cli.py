@@ -454,6 +454,10 @@ def _print_report(records: list[dict], folder: Path, plots: bool) -> None:
 
     print(report.describe(records) + "\n")
     print(report.pivot(records))
+    print("\nPareto front of score vs KV bytes (bytes as a fraction of dense), per task and length:\n")
+    print(report.front_table(records))
+    print("\nWhat to pick under a byte budget (the best score measured within it):\n")
+    print(report.pick_table(records))
     print(f"\nrecords: {folder / 'records.jsonl'}; table: {folder / 'results.csv'}")
     if plots:
         for path in report.plot(records, folder):
