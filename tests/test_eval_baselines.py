@@ -301,6 +301,10 @@ def test_fronts_pick_tables_and_plots(tmp_path):
     assert "| <= 1x | dense (1.000) | dense (18.70) |" in picks
     assert "| <= 0.5x | none kq4 vq4 (0.950) | none kq4 vq4 (19.00) |" in picks
     assert "| <= 0.1x | - | - |" in picks
+    versus = report.baseline_table(records)
+    assert "| niah @2048 | quanto-int4 | 0.156 | 0.900 | none kq4 vq4 | 0.141 | 0.950 | at least as good |" in versus
+    assert "| perplexity @1024 | quanto-int4 | 0.156 | 19.50 | none kq4 vq4 | 0.141 | 19.00 | at least as good |" in versus
+    assert report.baseline_table(records[:2]) == ""
     assert report.family(records[2]) == "baseline" and report.family(records[3]) == "sparkkv quantized"
     paths = report.plot(records, tmp_path)
     assert {"score_vs_kv_bytes.png", "score_vs_bytes_front.png"} <= {p.name for p in paths}

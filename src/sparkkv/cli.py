@@ -458,6 +458,10 @@ def _print_report(records: list[dict], folder: Path, plots: bool) -> None:
     print(report.front_table(records))
     print("\nWhat to pick under a byte budget (the best score measured within it):\n")
     print(report.pick_table(records))
+    versus = report.baseline_table(records)
+    if versus:
+        print("\nThe QuantizedCache baselines against the best sparkkv configuration at no more bytes:\n")
+        print(versus)
     print(f"\nrecords: {folder / 'records.jsonl'}; table: {folder / 'results.csv'}")
     if plots:
         for path in report.plot(records, folder):

@@ -5,6 +5,7 @@
     pareto_front(points, lower)      indices of the non-dominated (bytes, score) points (a pure function)
     fronts(records)                  the front of each (task, length) panel; bytes = `kv_vs_dense`
     front_table(records), pick_table(records)   the fronts as text; the best method under each byte budget
+    baseline_table(records)          each QuantizedCache point against the best sparkkv one at no more bytes
     plot(records, folder)            PNGs: score vs KV bytes per token (one line per method), score vs
                                      context length (one line per configuration), and score vs bytes
                                      with the Pareto front marked (every configuration a point)
@@ -152,6 +153,32 @@ def pick_table(records: list[dict], budgets: tuple[float, ...] = PICK_BUDGETS) -
         rows.append(row)
     columns = [("budget", "KV bytes vs dense", "")] + [(f"{t} @{n}", f"{t.replace('perplexity', 'ppl')} @{n}", "") for t, n in panels]
     return format_table(rows, columns)
+
+
+def baseline_table(records: list[dict]) -> str:
+    """For every QuantizedCache baseline point: the best sparkkv configuration of the same panel that
+    holds no more bytes, and whether it scores at least as well ('' when no baseline was measured)."""
+    rows = []
+    for (task, length), mine in _panels_of(records).items():
+        sign = -1.0 if lower_is_better(task) else 1.0
+        ours = [r for r in mine if family(r) in ("sparkkv", "sparkkv quantized")]
+        for base in (r for r in mine if family(r) == "baseline"):
+            fitting = [r for r in ours if r["kv_vs_dense"] <= base["kv_vs_dense"] + 1e-12]
+            best = max(fitting, key=lambda r: (sign * r["score"], -r["kv_vs_dense"]), default=None)
+            row = {"panel": f"{task} @{length}", "baseline": base["method"], "b_vs": base["kv_vs_dense"],
+                   "b_score": _format_score(task, base["score"])}
+            if best is None:
+                row.update(method="-", verdict="no sparkkv point at these bytes")
+            else:
+                better = sign * best["score"] >= sign * base["score"]
+                row.update(method=best["method"], vs=best["kv_vs_dense"], score=_format_score(task, best["score"]),
+                           verdict="at least as good" if better else "worse")
+            rows.append(row)
+    if not rows:
+        return ""
+    return format_table(rows, [("panel", "panel", ""), ("baseline", "baseline", ""), ("b_vs", "its bytes vs dense", ".3f"),
+                               ("b_score", "its score", ""), ("method", "best sparkkv at no more bytes", ""),
+                               ("vs", "bytes vs dense", ".3f"), ("score", "score", ""), ("verdict", "sparkkv is", "")])
 
 
 def _format_score(task: str, score: float) -> str:
