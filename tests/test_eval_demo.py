@@ -3,12 +3,19 @@
 import io
 
 from sparkkv import models
-from sparkkv.eval import demo
+from sparkkv.eval import baselines, demo
 
 
 def test_demo_configurations_cover_the_methods():
     names = ["dense" if c is None else c.name for c in demo.demo_configs()]
-    assert names == ["dense", "snapkv+none b0.75", "snapkv+spark k0.8 b0.75", "snapkv+think k0.8 b0.75", "spark k0.8", "think k0.8"]
+    assert names[:6] == ["dense", "snapkv+none b0.75", "snapkv+spark k0.8 b0.75", "snapkv+think k0.8 b0.75", "spark k0.8", "think k0.8"]
+    assert names[6:10] == ["none kq4 vq4", "none kq2 vq2", "spark k0.8 kq4 vq4 trits", "spark k0.8 kq4 vq2 trits"]
+    rows, note = demo.demo_baselines()
+    assert names[10:] == [c.name for c in rows]
+    if baselines.unavailable("quanto") is None:
+        assert names[10:] == ["quanto-int4", "quanto-int2"] and note is None
+    elif not rows:
+        assert "pip install" in note
 
 
 def test_demo_falls_back_to_the_testbed_in_one_line(monkeypatch, tmp_path):
@@ -26,8 +33,10 @@ def test_demo_falls_back_to_the_testbed_in_one_line(monkeypatch, tmp_path):
     lines = text.splitlines()
     assert lines[0].startswith("could not fetch smollm2-135m") and "running the testbed version" in lines[0]
     assert {r["task"] for r in records} == {"passkey", "multikey", "kv_retrieval"}
-    for method in ("dense", "snapkv+none b0.25", "snapkv+spark k0.8 b0.25", "snapkv+think k0.8 b0.25", "spark k0.8", "think k0.8"):
+    for method in ("dense", "snapkv+none b0.25", "snapkv+spark k0.8 b0.25", "snapkv+think k0.8 b0.25", "spark k0.8", "think k0.8",
+                   "none kq4 vq4", "spark k0.8 kq4 vq4 trits"):
         assert f"| {method} |" in text
+    assert "what to pick under a byte budget" in text and "on the Pareto front" in text
     assert "needle accuracy" in text and "perplexity" not in text.split("\n\n", 2)[-1].splitlines()[0]
 
 

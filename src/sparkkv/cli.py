@@ -118,6 +118,30 @@ def _method(text: str) -> str:
     return _typed(parse_method_name, "method")(text)
 
 
+def _bits(text: str) -> int:
+    from .eval.grid import parse_bits
+
+    return _typed(parse_bits, "bits")(text)
+
+
+def _value_ratio(text: str) -> float:
+    from .eval.grid import parse_value_ratio
+
+    return _typed(parse_value_ratio, "value ratio")(text)
+
+
+def _group_size(text: str) -> int:
+    from .eval.grid import parse_group_size
+
+    return _typed(parse_group_size, "group size")(text)
+
+
+def _mask_format(text: str) -> str:
+    from .eval.grid import parse_mask_format
+
+    return _typed(parse_mask_format, "mask format")(text)
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 LENGTH = _int_at_least(128)
 
@@ -172,17 +196,37 @@ def build_parser() -> argparse.ArgumentParser:
         "finished cell is appended to OUT/records.jsonl, so a rerun skips finished cells and an interrupted run "
         "resumes (even one killed mid-write). Writes OUT/results.csv and PNG plots. One run at a time per OUT: "
         "another run writing it makes this one stop at once, naming its pid (exit code 3). Methods: dense, spark, "
-        "think, snapkv, pyramidkv, streamingllm and <eviction>+<spark|think> such as snapkv+spark.",
+        "think, none (no channel policy: with --key-bits/--value-bits below 16, plain quantization), snapkv, pyramidkv, "
+        "streamingllm and <eviction>+<spark|think> such as snapkv+spark; and the quantized baselines quanto-int4, "
+        "quanto-int2 (transformers' QuantizedCache, backend optimum-quanto) and hqq-int4, hqq-int2 (backend HQQ), "
+        "at QuantizedCache's defaults (q_group_size 64, residual_length 128; pip install -e \".[quant]\"). "
+        "Every sparkkv method except dense is crossed with --key-bits x --value-bits x --value-ratios (spark only) x "
+        "--quant-group-size (quantized configurations only) x --mask-format (trits: spark only); combinations "
+        "SparKConfig refuses are left out.",
         epilog="tasks: " + ", ".join(TASK_NAMES),
     )
     _model_args(p)
     p.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="task names (listed below)")
     p.add_argument("--methods", type=_method, nargs="+", default=["dense", "snapkv", "snapkv+spark", "snapkv+think"],
-                   help="methods (default: dense snapkv snapkv+spark snapkv+think)")
+                   help="methods (default: dense snapkv snapkv+spark snapkv+think); the quantized baselines are "
+                   "quanto-int4 quanto-int2 hqq-int4 hqq-int2")
     p.add_argument("--ratios", "--ratio", dest="ratios", type=_ratio, nargs="+", default=[0.5, 0.8],
                    help="key prune ratios in [0, 1) for spark/think methods (default 0.5 0.8)")
     p.add_argument("--budgets", "--budget", dest="budgets", type=_budget, nargs="+", default=[0.25],
                    help="token budgets of eviction methods: integer tokens or a fraction in (0, 1) (default 0.25)")
+    p.add_argument("--key-bits", type=_bits, nargs="+", default=[16], metavar="BITS",
+                   help="stored bits of the key values (SparK's kept values, ThinK's columns, dense keys): 16 (not "
+                   "quantized), 8, 4, 2 (default 16)")
+    p.add_argument("--value-bits", type=_bits, nargs="+", default=[16], metavar="BITS",
+                   help="stored bits of the values (dense or pruned): 16, 8, 4, 2 (default 16)")
+    p.add_argument("--value-ratios", type=_value_ratio, nargs="+", default=[0.0], metavar="RATIO",
+                   help="value prune ratios in [0, 1), spark methods only (default 0: values not pruned)")
+    p.add_argument("--quant-group-size", type=_group_size, nargs="+", default=[64], metavar="SIZE",
+                   help="elements per quantization scale/zero group, multiples of 8 in [8, 1024] (default 64; "
+                   "quantized sparkkv configurations only, the baselines keep QuantizedCache's 64)")
+    p.add_argument("--mask-format", type=_mask_format, nargs="+", default=["bits"], metavar="FORMAT",
+                   help="SparK's keep/sign mask: bits (2 bits per channel) or trits (1.6 bits, lossless); spark only "
+                   "(default bits)")
     p.add_argument("--lengths", "--context-tokens", dest="lengths", type=LENGTH, nargs="+", default=[2048],
                    help="context lengths in tokens, >= 128 (default 2048)")
     p.add_argument("--n", type=_int_at_least(1), default=50, help="samples per cell (default 50)")
@@ -217,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", type=_existing_file, help="read the prompt from this file")
-    p.add_argument("--method", type=_method, default="spark", help="cache method (default spark; 'dense' for none)")
+    p.add_argument("--method", type=_method, default="spark",
+                   help="cache method (default spark; 'dense' for none; quanto-int4 / hqq-int2 ... for transformers' QuantizedCache)")
     p.add_argument("--key-prune-ratio", type=_ratio, default=0.8, help="key prune ratio in [0, 1) (default 0.8)")
     p.add_argument("--budget", type=_budget, default=None, help="token budget of an eviction method")
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, help="tokens to generate (default 64)")
@@ -261,16 +306,35 @@ def _check_eval(args) -> None:
         if needed and getattr(args, needed) is None:
             flag = "--" + needed.replace("_", "-")
             raise UsageError(f"{PROG} eval: error: task {name!r} needs {flag} PATH")
+    quant = grid.Quantization(
+        key_bits=tuple(dict.fromkeys(args.key_bits)), value_bits=tuple(dict.fromkeys(args.value_bits)),
+        value_ratios=tuple(dict.fromkeys(args.value_ratios)), group_sizes=tuple(dict.fromkeys(args.quant_group_size)),
+        mask_formats=tuple(dict.fromkeys(args.mask_format)),
+    )
     try:
-        args.configs = grid.build_grid(args.methods, args.ratios, args.budgets)
+        args.configs = grid.build_grid(args.methods, args.ratios, args.budgets, quant)
         grid.check_fits(args.configs, args.lengths)
+    except grid.NoConfiguration as exc:
+        raise UsageError(f"{PROG} eval: error: argument --methods: {exc}") from None
     except ValueError as exc:
         raise UsageError(f"{PROG} eval: error: arguments --budgets/--lengths: {exc}") from None
+    _check_baselines(args.configs, "eval")
     _check_out(args.out, "eval")
     if args.json is not None:
         parent = args.json.expanduser().resolve().parent
         if args.json.is_dir() or not parent.is_dir():
             raise UsageError(f"{PROG} eval: error: argument --json: cannot write {args.json} ({parent} is not a folder)")
+
+
+def _check_baselines(configs, command: str) -> None:
+    """A quantized baseline whose package is missing: one line naming the method and the install."""
+    from .eval import baselines
+
+    for config in configs:
+        if baselines.is_baseline(config):
+            reason = baselines.unavailable(config.backend)
+            if reason is not None:
+                raise UsageError(f"{PROG} {command}: error: argument --methods: {config.name}: {reason}")
 
 
 def _check_out(out: Path | None, command: str) -> None:
@@ -286,14 +350,20 @@ def _check_out(out: Path | None, command: str) -> None:
 
 def _check_generate(args) -> None:
     from .config import SparKConfig, parse_method
+    from .eval import baselines
 
-    eviction, channel = parse_method(args.method)
+    baseline = baselines.parse(args.method)
+    if baseline is not None:
+        if args.budget is not None:
+            raise UsageError(f"{PROG} generate: error: argument --budget: method {args.method!r} evicts no tokens")
+        _check_baselines([baseline], "generate")
+    eviction, channel = (None, "baseline") if baseline is not None else parse_method(args.method)
     if eviction is None and args.budget is not None:
         raise UsageError(f"{PROG} generate: error: argument --budget: method {args.method!r} evicts no tokens")
     if eviction is not None and args.budget is None:
         raise UsageError(f"{PROG} generate: error: method {args.method!r} needs --budget")
-    args.config = None
-    if channel != "dense":
+    args.config = baseline
+    if channel not in ("dense", "baseline"):
         try:
             args.config = SparKConfig(method=args.method, key_prune_ratio=args.key_prune_ratio, token_budget=args.budget)
         except (ValueError, TypeError) as exc:
@@ -385,6 +455,14 @@ def _print_report(records: list[dict], folder: Path, plots: bool) -> None:
 
     print(report.describe(records) + "\n")
     print(report.pivot(records))
+    print("\nPareto front of score vs KV bytes (bytes as a fraction of dense), per task and length:\n")
+    print(report.front_table(records))
+    print("\nWhat to pick under a byte budget (the best score measured within it):\n")
+    print(report.pick_table(records))
+    versus = report.baseline_table(records)
+    if versus:
+        print("\nThe QuantizedCache baselines against the best sparkkv configuration at no more bytes:\n")
+        print(versus)
     print(f"\nrecords: {folder / 'records.jsonl'}; table: {folder / 'results.csv'}")
     if plots:
         for path in report.plot(records, folder):
@@ -435,20 +513,30 @@ def cmd_generate(args) -> None:
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     else:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    from .eval import baselines
+
     try:  # the prompt's length is known only now, in the model's tokenizer
         check_fits([args.config], [ids.shape[1]])
     except ValueError as exc:
         raise UsageError(f"{PROG} generate: error: argument --budget: {exc} (the prompt is {ids.shape[1]} tokens)") from None
-    cache = SparKCache(args.config or SparKConfig(method="dense"))
+    if baselines.is_baseline(args.config):
+        from transformers.cache_utils import QuantizedCache
+
+        c = args.config
+        cache = QuantizedCache(backend=c.backend, config=model.config, nbits=c.nbits, q_group_size=c.q_group_size,
+                               residual_length=c.residual_length)
+    else:
+        cache = SparKCache(args.config or SparKConfig(method="dense"))
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
                              **{CACHE_KWARG: cache})
     print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     tokens = cache.get_seq_length()
+    nbytes = baselines.cache_nbytes(cache) if baselines.is_baseline(args.config) else cache.nbytes
     dense = dense_bytes_per_token(model) * tokens
     name = "dense" if args.config is None else args.config.name
-    print(f"KV cache ({name}): {cache.nbytes:,} bytes held for {tokens} tokens; dense: {dense:,} bytes "
-          f"({cache.nbytes / dense:.3f} of dense)")
+    print(f"KV cache ({name}): {nbytes:,} bytes held for {tokens} tokens; dense: {dense:,} bytes "
+          f"({nbytes / dense:.3f} of dense)")
 
 
 def cmd_demo(args) -> None:

@@ -1,9 +1,13 @@
 """`sparkkv demo`: a preset of `sparkkv eval` on the real model, sized for a few minutes on 2 CPU cores.
 
 For dense, SnapKV, SnapKV+SparK, SnapKV+ThinK, SparK and ThinK (key prune ratio 0.8; SnapKV keeps
-three quarters of the prompt) it prints needle accuracy (RULER niah_single_2: one 7-digit number
-hidden in a text haystack), the perplexity of a text continuation with the prefix held in the
-compressed cache, its change against dense, and the KV bytes per token.
+three quarters of the prompt), sparkkv's quantized storage (plain 4-bit and 2-bit, SparK k0.8 with
+quantized kept keys and values) and the quantized caches users would pick instead (transformers'
+`QuantizedCache` with optimum-quanto at 4 and 2 bits, when the `quant` extra is installed; HQQ if only
+it is), it prints needle accuracy (RULER niah_single_2: one 7-digit number hidden in a text haystack),
+the perplexity of a text continuation with the prefix held in the compressed cache, its change
+against dense, the KV bytes per token, which rows are on the Pareto front of score vs bytes, and
+which configuration to pick under each byte budget.
 
 The text (haystack and perplexity) is Python's own reference documentation (`pydoc_data.topics`,
 part of every CPython install), so the demo needs no data files. If the real model cannot be fetched, one line
@@ -20,8 +24,8 @@ import time
 from pathlib import Path
 
 from ..config import SparKConfig
+from . import baselines, report
 from .experiment import GridSpec, pending_units, run_grid
-
 from .records import Store
 from .report import format_table
 from .tasks import TaskInputs
@@ -33,8 +37,32 @@ PPL_TOKENS = 32
 BUDGET = 0.75  # fraction of the prompt SnapKV keeps: where eviction alone still mostly retrieves
 
 
-def demo_configs(ratio: float = RATIO, budget: float = BUDGET) -> list[SparKConfig | None]:
+PICK_BUDGETS = (1.0, 0.3, 0.2, 0.15, 0.1)
+
+
+def quantized_configs(ratio: float = RATIO) -> list[SparKConfig]:
+    """sparkkv's quantized rows: plain 4-bit and 2-bit (no channel policy), and SparK with 4-bit kept
+    keys (ternary masks), 4-bit values, then 2-bit values with 80 % of the value channels pruned."""
     return [
+        SparKConfig(method="none", key_bits=4, value_bits=4),
+        SparKConfig(method="none", key_bits=2, value_bits=2),
+        SparKConfig(method="spark", key_prune_ratio=ratio, key_bits=4, value_bits=4, mask_format="trits"),
+        SparKConfig(method="spark", key_prune_ratio=ratio, key_bits=4, value_bits=2, mask_format="trits"),
+    ]
+
+
+def demo_baselines() -> tuple[list[baselines.QuantizedCacheConfig], str | None]:
+    """The QuantizedCache rows the installed packages allow (quanto at 4 and 2 bits, else HQQ), and a
+    line saying what is left out and why (None when quanto runs)."""
+    if baselines.unavailable("quanto") is None:
+        return [baselines.parse("quanto-int4"), baselines.parse("quanto-int2")], None
+    if baselines.unavailable("hqq") is None:
+        return [baselines.parse("hqq-int4"), baselines.parse("hqq-int2")], None
+    return [], f"QuantizedCache baselines left out: {baselines.unavailable('quanto')}"
+
+
+def demo_configs(ratio: float = RATIO, budget: float = BUDGET, quantized: bool = True) -> list:
+    configs = [
         None,
         SparKConfig(method="snapkv", token_budget=budget),
         SparKConfig(method="snapkv+spark", key_prune_ratio=ratio, token_budget=budget),
@@ -42,6 +70,9 @@ def demo_configs(ratio: float = RATIO, budget: float = BUDGET) -> list[SparKConf
         SparKConfig(method="spark", key_prune_ratio=ratio),
         SparKConfig(method="think", key_prune_ratio=ratio),
     ]
+    if quantized:
+        configs += quantized_configs(ratio) + demo_baselines()[0]
+    return configs
 
 
 def demo_text(folder: Path) -> Path:
@@ -94,6 +125,9 @@ def run_demo(model: str = "smollm2-135m", n: int | None = None, lengths: list[in
         if bar is not None:
             bar.close()
     print(summary(records, testbed), file=stream)
+    note = demo_baselines()[1]
+    if note:
+        print(f"\n{note}", file=stream)
     print(f"\n(done in {time.perf_counter() - start:.0f} s; records in {folder})", file=stream)
     return records
 
@@ -124,11 +158,35 @@ def summary(records: list[dict], testbed: bool) -> str:
            f"{first['length']} tokens in the cache, the next {PPL_TOKENS} scored")
         + f"; KV bytes per token after the prompt (dense: {first['dense_bytes_per_token']:,})"
     )
+    # the Pareto fronts of needle accuracy and of perplexity against bytes
+    on_needle = {rows[i]["method"] for i in report.pareto_front([(r["kv_vs_dense"], r["accuracy"]) for r in rows])}
+    with_ppl = [r for r in rows if r.get("ppl") is not None]
+    on_ppl = {with_ppl[i]["method"] for i in report.pareto_front([(r["kv_vs_dense"], r["ppl"]) for r in with_ppl], True)}
+    for row in rows:
+        row["front"] = " + ".join(name for name, on in (("needle", row["method"] in on_needle), ("ppl", row["method"] in on_ppl)) if on)
+        if baselines.parse(row["method"].split(" ")[0]) is not None:
+            row["method"] += " (QuantizedCache)"
     columns = [("method", "method", ""), ("accuracy", "needle accuracy", ".2f")]
     if not testbed:
         columns += [("ppl", "perplexity", ".3f"), ("ppl_change", "ppl vs dense", "")]
-    columns += [("kv_bytes_per_token", "KV bytes/token", ",.0f"), ("kv_vs_dense", "vs dense", ".3f")]
-    return title + "\n\n" + format_table(rows, columns)
+    columns += [("kv_bytes_per_token", "KV bytes/token", ",.0f"), ("kv_vs_dense", "vs dense", ".3f"),
+                ("front", "on the Pareto front", "")]
+    return title + "\n\n" + format_table(rows, columns) + "\n\n" + _picks(rows, testbed)
 
 
-__all__ = ["demo_configs", "run_demo", "summary"]
+def _picks(rows: list[dict], testbed: bool) -> str:
+    """One line per byte budget: the row with the best needle accuracy among those that hold at most
+    that fraction of the dense bytes (ties: the better perplexity, then the fewer bytes)."""
+    lines = ["what to pick under a byte budget (best needle accuracy within it" + ("" if testbed else ", then perplexity") + "):"]
+    for budget in PICK_BUDGETS:
+        fitting = [r for r in rows if r["kv_vs_dense"] <= budget + 1e-12]
+        if not fitting:
+            lines.append(f"  <= {budget:g}x dense: nothing measured fits")
+            continue
+        best = max(fitting, key=lambda r: (round(r["accuracy"], 9), -(r.get("ppl") or 0.0), -r["kv_vs_dense"]))
+        ppl = "" if best.get("ppl") is None else f", perplexity {best['ppl']:.3f}"
+        lines.append(f"  <= {budget:g}x dense: {best['method']} (needle {best['accuracy']:.2f}{ppl}, {best['kv_vs_dense']:.3f}x)")
+    return "\n".join(lines)
+
+
+__all__ = ["demo_baselines", "demo_configs", "quantized_configs", "run_demo", "summary"]

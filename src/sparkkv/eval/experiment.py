@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from .. import __version__
 from ..config import SparKConfig
@@ -34,6 +34,25 @@ from .records import Store, cell_key
 
 log = logging.getLogger(__name__)
 
+# `SparKConfig` fields added after result folders already existed (issue 18's quantization). A cell's
+# identity leaves each of them out while it holds its default, so every configuration that existed
+# before keeps the key it had and old folders still resume; a new field goes at the end of this list.
+LATER_FIELDS = ("key_bits", "value_bits", "quant_group_size", "mask_format")
+_DEFAULTS = {f.name: f.default for f in fields(SparKConfig)}
+
+
+def identity_config(config) -> dict | None:
+    """What of a configuration defines its cells: None for dense, `to_dict()` otherwise, without the
+    `LATER_FIELDS` that hold their defaults (so the keys of older configurations do not change)."""
+    if config is None:
+        return None
+    data = config.to_dict()
+    if isinstance(config, SparKConfig):
+        for name in LATER_FIELDS:
+            if data[name] == _DEFAULTS[name]:
+                del data[name]
+    return data
+
 
 @dataclass
 class GridSpec:
@@ -41,13 +60,13 @@ class GridSpec:
     tasks: list[str]
     lengths: list[int]
     n: int
-    configs: list[SparKConfig | None]
+    configs: list  # SparKConfig, None (dense) or baselines.QuantizedCacheConfig
     seed: int = 0
     batch_size: int = 4
     max_new_tokens: int | None = None  # overrides every task's own generation budget
     inputs: tasks.TaskInputs = field(default_factory=tasks.TaskInputs)
 
-    def identity(self, task: str, length: int, config: SparKConfig | None) -> dict:
+    def identity(self, task: str, length: int, config) -> dict:
         needed = tasks.needed_input(task)
         return {
             "model": self.model,
@@ -55,7 +74,7 @@ class GridSpec:
             "length": length,
             "n": self.n,
             "seed": self.seed,
-            "config": None if config is None else config.to_dict(),
+            "config": identity_config(config),
             "max_new_tokens": self.max_new_tokens,
             "input": None if needed is None else str(getattr(self.inputs, needed)),
             "ppl_tokens": self.inputs.ppl_tokens if task == "perplexity" else None,

@@ -3,8 +3,10 @@
 Prefill attention is dense for every configuration (compression happens at the end of each layer's
 prefill), so a batch of equally long prompts is prefilled once into a `sparkkv.PrefillCapture` and
 every configuration is forked from it with `capture.compress(config)`: exactly the cache
-`SparKCache(config)` would hold after prefilling the same prompts. Each fork is then decoded on its
-own: greedy generation (scored by the sample's metric), or teacher-forced scoring of the sample's
+`SparKCache(config)` would hold after prefilling the same prompts. The quantized baselines
+(transformers' `QuantizedCache`, `baselines.py`) are forked from the same capture: its prompt keys and
+values are fed to the cache layer by layer, which is what their own (dense) prefill stores. Each fork
+is then decoded on its own: greedy generation (scored by the sample's metric), or teacher-forced scoring of the sample's
 `target_ids` (perplexity).
 
 Greedy generation stops for a row at its EOS token, after `max_new_tokens`, or as soon as the
@@ -28,7 +30,7 @@ import torch
 
 from .. import CACHE_KWARG, PrefillCapture
 from ..config import SparKConfig
-from . import metrics
+from . import baselines, metrics
 from .samples import Sample
 
 log = logging.getLogger(__name__)
@@ -61,12 +63,12 @@ def dense_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * heads * head_dim * element
 
 
-def _capture_rows(configs: Iterable[SparKConfig | None]) -> int:
+def _capture_rows(configs: Iterable) -> int:
     """How many last prompt queries the capture must keep: the largest observation window any
     configuration reads (`window_size`, and `eviction_window` when it evicts)."""
     rows = 1
     for config in configs:
-        if config is not None:
+        if isinstance(config, SparKConfig):
             rows = max(rows, config.window_size, config.eviction_window if config.eviction else 1)
     return rows
 
@@ -93,10 +95,11 @@ def run_batch(
     model,
     tokenizer,
     batch: list[Sample],
-    configs: dict[str, SparKConfig | None],
+    configs: dict[str, SparKConfig | baselines.QuantizedCacheConfig | None],
     on_result: Callable[[str, SampleResult], None],
 ) -> float:
-    """Prefill `batch` once, then run every configuration of `configs` (label -> config; None = dense).
+    """Prefill `batch` once, then run every configuration of `configs` (label -> config; None = dense;
+    a `baselines.QuantizedCacheConfig` is a transformers `QuantizedCache` fed the same prefill).
 
     Calls `on_result(label, result)` for every (configuration, sample). Returns the prefill seconds.
     """
@@ -111,8 +114,7 @@ def run_batch(
     prefill_seconds = time.perf_counter() - start
     for label, config in configs.items():
         start = time.perf_counter()
-        cache = capture.compress(config)
-        kv_bytes = cache.nbytes
+        cache, kv_bytes = fork(capture, config, model)
         if batch[0].target_ids is not None:
             rows = _score_targets(model, cache, first_logits, batch)
         else:
@@ -122,6 +124,16 @@ def run_batch(
             on_result(label, SampleResult(sample.index, score, prediction, nll, tokens, kv_bytes // b, prompt_len, seconds))
         del cache
     return prefill_seconds
+
+
+def fork(capture, config, model) -> tuple:
+    """`(cache, bytes it holds)` for `config`, prefilled from `capture`: a `SparKCache`
+    (`capture.compress`), or a transformers `QuantizedCache` for a baseline (`baselines`)."""
+    if baselines.is_baseline(config):
+        cache = baselines.prefill_cache(capture, config, model.config)
+        return cache, baselines.cache_nbytes(cache)
+    cache = capture.compress(config)
+    return cache, cache.nbytes
 
 
 def _step(model, cache, tokens: torch.Tensor) -> torch.Tensor:
