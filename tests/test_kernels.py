@@ -1,7 +1,9 @@
 """The fused CPU kernels (kernels/cpu_decode.cpp) against float64 references built from the packed fields.
 
 Paths: "auto" (bf16 dot products where the data is bf16 and the CPU has AVX512_BF16), "float32"
-(AVX-512 float32 FMAs) and "portable" (the scalar build compiled without AVX-512).
+(AVX-512 float32 FMAs; the AVX2 path on CPUs without AVX-512), "avx2" (where AVX-512 is compiled
+in: the AVX2 path it hands other calls to) and "portable" (the scalar build compiled without
+AVX-512 or AVX2). Ternary codes and quantized operands: tests/test_kernels_quant.py.
 """
 
 import math
@@ -19,6 +21,8 @@ from sparkkv.packed import PackedTensor, unpack_bits
 pytestmark = pytest.mark.skipif(cpu.load() is None, reason="the CPU kernel cannot be built here (no compiler/ninja)")
 
 PATHS = ["auto", "float32", "portable"]
+if cpu.load() is not None and cpu.load().has_avx512_path() and cpu.load().has_avx2_path():
+    PATHS.insert(2, "avx2")  # the AVX2 path is otherwise what "auto" and "float32" run
 
 
 def rounds_to_bf16(path, q, keys, values) -> bool:

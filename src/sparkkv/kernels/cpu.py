@@ -1,9 +1,12 @@
-"""Fused CPU attention kernels over SparK-packed keys and values (C++, `cpu_decode.cpp`).
+"""Fused CPU attention kernels over SparK-packed and quantized keys and values (C++, `cpu_decode.cpp`).
 
     decode_partials(query_rows, keys, values, scaling, bias=None, splits=None) -> (m, l, acc)
-        logits, online softmax and P.V in one pass over packed (or dense) keys and values, all
-        query rows of a GQA group at once, parallel over (batch, kv-head, split); the caller merges
-        the per-split partials with other chunks by log-sum-exp (`reference.merge_partials`).
+        logits, online softmax and P.V in one pass over packed, quantized (or dense) keys and
+        values, all query rows of a GQA group at once, parallel over (batch, kv-head, split); the
+        caller merges the per-split partials with other chunks by log-sum-exp
+        (`reference.merge_partials`). Operands: what `operands.fields` describes (dense tensors,
+        `PackedTensor` with keep + sign bits or a ternary code and raw or quantized kept values,
+        `QuantizedTensor` with groups along rows or tokens); codes are dequantized in registers.
     packed_qk(query_rows, packed) -> logits   (multi-token forwards whose mask differs per row)
     can_serve(keys, values) -> None | reason
 
@@ -16,8 +19,9 @@ Numerics (docs/kernels.md): float32 accumulation everywhere. On CPUs with AVX512
 use bf16 dot products when the query rows and the keys are bfloat16 (products exact, pruned key
 entries rounded to bfloat16), and P.V uses them when the values are bfloat16 (P rounded to
 bfloat16, as PyTorch's bf16 attention does): about 1e-3 relative error against the float64
-reference. `path="float32"` keeps every entry and probability in float32 (about 1e-6), and
-`path="portable"` runs the scalar build compiled without AVX-512 (what a CPU without it runs).
+reference. `path="float32"` keeps every entry and probability in float32 (about 1e-6), `path="avx2"` skips
+the AVX-512 paths (the AVX2 path, which also serves ternary codes and quantized operands on
+AVX-512 machines), and `path="portable"` runs the scalar build compiled without AVX-512 or AVX2.
 
     python -m sparkkv.kernels.cpu [--contexts 4096 32768] [--threads 2]   # check + time vs dense
 """
@@ -35,7 +39,7 @@ from .reference import merge_partials, reference_attention
 
 log = logging.getLogger(__name__)
 _NAME, _SOURCE = "sparkkv_cpu_decode", "cpu_decode.cpp"
-PATHS = ("auto", "float32", "portable")
+PATHS = ("auto", "float32", "avx2", "portable")
 
 
 def load(portable: bool = False):
@@ -70,18 +74,27 @@ def default_splits(batch_heads: int, seq_len: int, threads: int | None = None) -
     return max(1, min(math.ceil(2 * threads / max(batch_heads, 1)), seq_len // 256))
 
 
-def _fields(x) -> list[torch.Tensor]:
-    """vals, keep, sign, scale, chan as the extension takes them (empty tensors for absent ones)."""
-    empty = torch.empty(0)
-    if isinstance(x, PackedTensor):
-        return [x.vals, x.keep, *(empty if t is None else t for t in (x.sign, x.scale, x.chan))]
-    return [x.contiguous(), torch.empty(0, dtype=torch.uint8), empty, empty, empty]
+def _fields(x) -> tuple[list[torch.Tensor], list[int]]:
+    """An operand as the extension takes it (`operands.Fields`): tensors vals, keep, sign, scale,
+    chan, trits, codes, qscale, qzero (empty ones for absent fields) and ints bits, group,
+    token_axis, offset, codes per row."""
+    f = operands.fields(x)
+    empty, empty8 = torch.empty(0), torch.empty(0, dtype=torch.uint8)
+    pick = lambda t, e: e if t is None else t.contiguous()  # noqa: E731
+    tensors = [pick(f.vals, empty), pick(f.keep, empty8), pick(f.sign, empty8), pick(f.scale, empty), pick(f.chan, empty),
+               pick(f.trits, empty8), pick(f.codes, empty8), pick(f.qscale, empty), pick(f.qzero, empty)]
+    return tensors, [f.bits, f.group, int(f.token_axis), f.offset, f.fixed_t if f.quantized else 0]
 
 
 def _query(query_rows: torch.Tensor) -> torch.Tensor:
     """bf16 query rows stay bf16 (the bf16 dot-product path), anything else becomes float32."""
     q = query_rows if query_rows.dtype == torch.bfloat16 else query_rows.float()
     return q.contiguous()
+
+
+def _flags(path: str) -> tuple[bool, bool, bool]:
+    """portable, bf16_dot, avx512 for the extension."""
+    return path == "portable", path == "auto", path in ("auto", "float32")
 
 
 def _module_for(path: str):
@@ -97,11 +110,13 @@ def _module_for(path: str):
 def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits: int | None = None, *, path: str = "auto"):
     """Online-softmax partials of `query_rows [B, H, M, D]` over one (keys, values) chunk.
 
-    keys: `PackedTensor` (fixed or variable T, no explicit fill) or dense `[B, H, S, D]`;
-    values: `PackedTensor` (no explicit fill) or dense `[B, H, S, Dv]`; any of float32 / bfloat16 /
-    float16. bias: None or additive float32 `[B, H, S]` / `[B, 1, S]` (-inf = masked), the same for
+    keys: `PackedTensor` (fixed or variable T, no explicit fill; keep + sign bits or a ternary
+    code; kept values raw or a `QuantizedTensor`), `QuantizedTensor` or dense `[B, H, S, D]`;
+    values: the same kinds, `[B, H, S, Dv]`; any of float32 / bfloat16 / float16 (scales of
+    quantized ones: float32 / bfloat16 / float16). bias: None or additive float32 `[B, H, S]` / `[B, 1, S]` (-inf = masked), the same for
     all M rows. splits: pieces of the sequence per (batch, kv-head) (default `default_splits`).
-    path: "auto" (fastest), "float32" (no bf16 rounding) or "portable" (scalar build).
+    path: "auto" (fastest), "float32" (no bf16 rounding), "avx2" (no AVX-512) or "portable"
+    (scalar build).
 
     Returns float32 `m [B, H, P, M]`, `l [B, H, P, M]`, `acc [B, H, P, M, Dv]`; a split that saw only
     masked tokens has m = -inf, l = 0, acc = 0. `merge_partials([...])` -> `[B, H, M, Dv]`.
@@ -131,19 +146,19 @@ def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits:
     splits = min(splits, s)
     return module.decode_partials(
         _query(query_rows), *_fields(keys), *_fields(values), bias if bias is not None else torch.empty(0),
-        s, dv, float(scaling), splits, path == "portable", path == "auto",
+        s, dv, float(scaling), splits, *_flags(path),
     )
 
 
 def packed_qk(query_rows: torch.Tensor, packed, *, path: str = "auto") -> torch.Tensor | None:
-    """Logits `query_rows [B, H, M, D] @ keys^T` -> float32 `[B, H, M, S]` for packed (or dense)
-    keys, or None when the kernel cannot serve them (then rebuild with `packed.dense()`)."""
+    """Logits `query_rows [B, H, M, D] @ keys^T` -> float32 `[B, H, M, S]` for packed, quantized (or
+    dense) keys, or None when the kernel cannot serve them (then rebuild with `packed.dense()`)."""
     if operands.operand_problem("keys", packed, _on_cpu, "") is not None or load(path == "portable") is None:
         return None
     module = _module_for(path)
     if packed.shape[2] == 0:
         return torch.zeros(*query_rows.shape[:3], 0)
-    return module.packed_qk(_query(query_rows), *_fields(packed), packed.shape[2], path == "portable", path == "auto")
+    return module.packed_qk(_query(query_rows), *_fields(packed), packed.shape[2], *_flags(path))
 
 
 # -------------------------------------------------------------------------------------------------

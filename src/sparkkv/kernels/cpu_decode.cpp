@@ -1,4 +1,4 @@
-// Fused CPU attention kernels over SparK-packed (or dense) keys and values.
+// Fused CPU attention kernels over SparK-packed, quantized (or dense) keys and values.
 //
 //   decode: one pass per (batch, kv-head, split of the sequence): logits of the M query rows that
 //           share the kv-head, online softmax, P.V -- over packed keys and packed or dense values,
@@ -13,8 +13,16 @@
 //   packed operand       vals [B, H, S, T] (fixed T) or flat (variable T: row r owns popcount(keep[r])
 //                        values, rows back to back), keep / sign uint8 [B, H, S, D/8] (bit c%8 of
 //                        byte c/8), scale [B, H, S] (float32 / bfloat16 / float16), chan float32 [B, H, D].
+//                        Or, instead of keep + sign, trits uint8 [B, H, S, ceil(D/5)]: channel c is
+//                        digit c%5 of byte c/5 in base 3 (0 kept, 1 pruned negative, 2 pruned positive).
 //                        A pruned entry is (sign ? +-1 : +1) * (scale ? scale : 1) * (chan ? chan : 1)
 //                        when any of the three is stored, else 0.
+//   quantized values     (a dense operand's values, or a fixed-T packed operand's kept values) as codes
+//                        uint8 [B, H, S, ceil(N * bits / 8)] (bits 8 / 4 / 2, element n at bit n*bits,
+//                        little-endian in the byte), dequantized as c * s + z, or (c - (2^bits-1)/2) * s
+//                        without a zero; s (and z) per group of `group` elements of a row
+//                        ([B, H, S, ceil(N / group)]) or of `group` tokens of an element ([B, H, G, N],
+//                        token s in group (offset + s) / group). float32 / bfloat16 / float16 statistics.
 //   bias  [B, 1 or H, S] float32 additive (-inf = masked), the same for all M rows.
 //   out   m, l [B, H, P, M], acc [B, H, P, M, Dv] float32 (acc unnormalised; m = -inf, l = 0,
 //         acc = 0 for a split that saw only masked tokens).
@@ -30,8 +38,13 @@
 //         (vpexpandw from a register, merge-masked over the fill) straight into bf16 lanes.
 //       - float32 FMAs otherwise: bf16 values expanded into the high halves of fp32 lanes
 //         (a pdep-spread mask), fp16 through vcvtph2ps; pruned entries exact in float32.
-//   * portable scalar (any other CPU, packed operands with D % 16 != 0, D > 256, or `portable`
-//     builds): float32, same semantics as the float32 path.
+//     Trits and quantized operands are not read by the AVX-512 paths (not testable on the machine
+//     that wrote them): such calls take the AVX2 path below.
+//   * AVX2 + FMA + F16C (any head dim; every operand kind): rows decoded into float32 tiles in L1
+//     (packed rows expanded through a permutation table per keep byte, ternary codes through a
+//     table per byte, codes dequantized 8 at a time), then float32 FMAs for the logits (8 key rows
+//     per pass) and P.V. Taken when the AVX-512 paths are not compiled in or do not serve the call.
+//   * portable scalar (no AVX2, or `portable` builds): float32, same semantics as the float32 path.
 // Packed rows are expanded with vpexpand from memory (measured against the register form on this
 // Zen 4 machine, see `kRegisterExpand`).
 #ifndef SPARKKV_STANDALONE
@@ -59,6 +72,12 @@
 #else
 #define SPARKKV_AVX512 0
 #define SPARKKV_BF16DOT 0
+#endif
+#if !defined(SPARKKV_PORTABLE) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define SPARKKV_AVX2 1
+#else
+#define SPARKKV_AVX2 0
 #endif
 
 namespace sparkkv {
@@ -124,25 +143,94 @@ inline int64_t popcount_bytes(const uint8_t* p, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // problem description
 // ---------------------------------------------------------------------------------------------
-// One [B, H, S, D] operand, dense (keep == nullptr) or packed.
+// Ternary mask code (packed.pack_trits): per byte, five base-3 digits; kept channels per byte
+// (the padding digits of a row's last byte are 0, "kept", and are subtracted by the caller).
+struct TritCounts {
+  uint8_t kept[256];
+  TritCounts() {
+    for (int b = 0; b < 256; ++b) {
+      int v = b, n = 0;
+      for (int j = 0; j < 5; ++j, v /= 3) n += v % 3 == 0;
+      kept[b] = uint8_t(n);
+    }
+  }
+};
+inline const TritCounts& trit_counts() {
+  static const TritCounts t;
+  return t;
+}
+inline int trit_at(const uint8_t* row, int64_t c) {
+  static const int pow3[5] = {1, 3, 9, 27, 81};
+  return (row[c / 5] / pow3[c % 5]) % 3;
+}
+inline int64_t trit_kept(const uint8_t* row, int64_t D) {
+  const int64_t nb = (D + 4) / 5;
+  int64_t n = 0;
+  for (int64_t i = 0; i < nb; ++i) n += trit_counts().kept[row[i]];
+  return n - (nb * 5 - D);
+}
+
+// Quantized values (quant.py): see the layouts above. `N` codes per row, `row_bytes` bytes per row;
+// `groups`: statistics per row (row axis) or token groups per (b, h) (token axis).
+struct Quant {
+  const uint8_t* codes = nullptr;
+  int bits = 0;
+  int64_t N = 0, row_bytes = 0, group = 1, groups = 0, offset = 0;
+  bool token_axis = false;
+  const void* scale = nullptr;
+  const void* zero = nullptr;  // nullptr: symmetric mid-rise codes
+  int sdtype = kF16;
+
+  float mid() const { return float((1 << bits) - 1) * 0.5f; }
+  int code(int64_t row, int64_t n) const {
+    const uint8_t* r = codes + row * row_bytes;
+    if (bits == 8) return r[n];
+    const int64_t bit = n * bits;
+    return (r[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
+  }
+  // index of the statistics of element n of row `row` (rows of S tokens per (b, h))
+  int64_t stat_index(int64_t row, int64_t S, int64_t n) const {
+    return token_axis ? ((row / S) * groups + (offset + row % S) / group) * N + n : row * groups + n / group;
+  }
+  float dequant(int64_t row, int64_t S, int64_t n) const {
+    const int64_t i = stat_index(row, S, n);
+    const float s = load_elem(scale, sdtype, i), c = float(code(row, n));
+    return zero ? c * s + load_elem(zero, sdtype, i) : (c - mid()) * s;
+  }
+};
+
+// One [B, H, S, D] operand: dense (no keep, no trits) or packed; its values raw (`vals`) or
+// quantized (`q.codes`).
 struct Operand {
   int dtype = kF32;
   const void* vals = nullptr;
   int64_t count = 0;  // elements in vals
   int64_t D = 0;
+  int64_t S = 0;
   int64_t T = 0;  // values per row: D (dense), fixed T, or -1 (variable)
   const uint8_t* keep = nullptr;
   const uint8_t* sign = nullptr;
+  const uint8_t* trits = nullptr;  // [B*H*S, ceil(D/5)], instead of keep and sign
   const void* scale = nullptr;
   int scale_dtype = kF32;
   const float* chan = nullptr;  // [B*H, D]
+  Quant q;
 
-  bool packed() const { return keep != nullptr; }
-  bool fills() const { return sign || scale || chan; }
+  bool packed() const { return keep != nullptr || trits != nullptr; }
+  bool quantized() const { return q.codes != nullptr; }
+  bool signs() const { return sign != nullptr || trits != nullptr; }
+  bool fills() const { return sign || trits || scale || chan; }
   int64_t d8() const { return D / 8; }
+  int64_t tb() const { return (D + 4) / 5; }  // trit bytes per row
   float scale_at(int64_t row) const { return scale ? load_elem(scale, scale_dtype, row) : 1.f; }
   int64_t row_count(int64_t row) const {  // values stored for `row`
-    return !packed() ? D : T >= 0 ? T : popcount_bytes(keep + row * d8(), d8());
+    if (!packed()) return D;
+    if (T >= 0) return T;
+    return keep ? popcount_bytes(keep + row * d8(), d8()) : trit_kept(trits + row * tb(), D);
+  }
+  // the j-th stored value of row `row`, whose first raw value is element `off` of vals
+  float stored(int64_t row, int64_t off, int64_t j) const {
+    return quantized() ? q.dequant(row, S, j) : load_elem(vals, dtype, off + j);
   }
 };
 
@@ -160,6 +248,7 @@ struct Cursor {
 struct Options {
   bool portable = false;  // force the scalar path
   bool bf16_dot = true;   // allow the bf16 dot-product stages (else float32 FMAs)
+  bool avx512 = true;     // allow the AVX-512 paths (false: the AVX2 path, where compiled in)
 };
 
 struct Problem {
@@ -187,7 +276,12 @@ inline std::vector<int64_t> item_offsets(const Operand& op, int64_t BH, int64_t 
   std::vector<int64_t> start(items + 1, 0);
   for (int64_t item = 0; item < items; ++item) {
     const int64_t bh = item / parts, t0 = (item % parts) * per, t1 = std::min(S, t0 + per);
-    if (t1 > t0) start[item + 1] = popcount_bytes(op.keep + (bh * S + t0) * op.d8(), (t1 - t0) * op.d8());
+    if (t1 <= t0) continue;
+    if (op.keep) {
+      start[item + 1] = popcount_bytes(op.keep + (bh * S + t0) * op.d8(), (t1 - t0) * op.d8());
+    } else {
+      for (int64_t t = t0; t < t1; ++t) start[item + 1] += op.row_count(bh * S + t);
+    }
   }
   for (int64_t i = 0; i < items; ++i) start[i + 1] += start[i];
   *total = start[items];
@@ -201,21 +295,31 @@ inline std::vector<int64_t> item_offsets(const Operand& op, int64_t BH, int64_t 
 inline void rebuild_row(const Operand& op, int64_t bh, int64_t row, int64_t off, float* out) {
   const int64_t D = op.D;
   if (!op.packed()) {
-    for (int64_t c = 0; c < D; ++c) out[c] = load_elem(op.vals, op.dtype, off + c);
+    for (int64_t c = 0; c < D; ++c) out[c] = op.stored(row, off, c);
     return;
   }
-  const uint8_t* kb = op.keep + row * op.d8();
+  const uint8_t* kb = op.keep ? op.keep + row * op.d8() : nullptr;
   const uint8_t* sb = op.sign ? op.sign + row * op.d8() : nullptr;
+  const uint8_t* tb = op.trits ? op.trits + row * op.tb() : nullptr;
   const float s = op.scale_at(row);
   const float* ch = op.chan ? op.chan + bh * D : nullptr;
   const bool fill = op.fills();
-  int64_t j = off;
+  int64_t j = 0;
   for (int64_t c = 0; c < D; ++c) {
-    if ((kb[c >> 3] >> (c & 7)) & 1) {
-      out[c] = load_elem(op.vals, op.dtype, j++);
+    bool kept, positive;
+    if (tb) {
+      const int t = trit_at(tb, c);
+      kept = t == 0;
+      positive = t == 2;
+    } else {
+      kept = (kb[c >> 3] >> (c & 7)) & 1;
+      positive = !sb || ((sb[c >> 3] >> (c & 7)) & 1);
+    }
+    if (kept) {
+      out[c] = op.stored(row, off, j++);
     } else if (fill) {
       float f = s * (ch ? ch[c] : 1.f);
-      out[c] = (sb && !((sb[c >> 3] >> (c & 7)) & 1)) ? -f : f;
+      out[c] = positive ? f : -f;
     } else {
       out[c] = 0.f;
     }
@@ -1002,6 +1106,438 @@ inline void qk_item_avx(const Problem& p, int64_t bh, int64_t t0, int64_t t1, in
 }
 #endif  // SPARKKV_AVX512
 
+#if SPARKKV_AVX2
+// ---------------------------------------------------------------------------------------------
+// AVX2 path: rows decoded into float32 (every operand kind), float32 FMAs
+// ---------------------------------------------------------------------------------------------
+namespace avx2 {
+
+inline int64_t round8(int64_t x) { return (x + 7) / 8 * 8; }
+
+struct Tables {
+  // perm[b][l]: for keep byte b, the rank of lane l among b's set lanes (for set lanes; any lane
+  // index for the others, which the blend discards)
+  alignas(32) int32_t perm[256][8];
+  // trit[b]: bits 0-4: digit j of byte b is 0 (kept); bits 5-9: digit j is 2 (pruned, positive)
+  uint16_t trit[256];
+  Tables() {
+    for (int b = 0; b < 256; ++b) {
+      int r = 0;
+      for (int l = 0; l < 8; ++l) {
+        perm[b][l] = std::min(r, 7);
+        r += (b >> l) & 1;
+      }
+      int v = b, e = 0;
+      for (int j = 0; j < 5; ++j, v /= 3) {
+        if (v % 3 == 0) e |= 1 << j;
+        if (v % 3 == 2) e |= 1 << (5 + j);
+      }
+      trit[b] = uint16_t(e);
+    }
+  }
+};
+inline const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+// A row's ternary code -> keep and sign (positive) bytes, D / 8 of each (D % 8 == 0); the buffers
+// take 4 bytes of slack.
+inline void decode_trits(const uint8_t* tr, int64_t D, uint8_t* kb, uint8_t* sb) {
+  const uint16_t* lut = tables().trit;
+  const int64_t nb = (D + 4) / 5, d8 = D / 8;
+  uint64_t k = 0, s = 0;
+  int bits = 0;
+  int64_t out = 0;
+  for (int64_t j = 0; j < nb; ++j) {
+    const uint32_t e = lut[tr[j]];
+    k |= uint64_t(e & 31u) << bits;
+    s |= uint64_t(e >> 5) << bits;
+    bits += 5;
+    if (bits >= 32) {
+      const uint32_t k32 = uint32_t(k), s32 = uint32_t(s);
+      std::memcpy(kb + out, &k32, 4);
+      std::memcpy(sb + out, &s32, 4);
+      k >>= 32;
+      s >>= 32;
+      bits -= 32;
+      out += 4;
+    }
+  }
+  for (; out < d8; ++out, k >>= 8, s >>= 8) {
+    kb[out] = uint8_t(k);
+    sb[out] = uint8_t(s);
+  }
+}
+
+// 8 raw elements from element i as float32
+template <int DT>
+inline __m256 load8(const void* base, int64_t i) {
+  if (DT == kF32) return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+  if (DT == kBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+
+template <int DT>
+inline void raw_row(const void* base, int64_t off, int64_t n, float* out) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, load8<DT>(base, off + j));
+  for (; j < n; ++j) out[j] = load_elem(base, DT, off + j);
+}
+
+// codes n .. n + 7 of a row (n % 8 == 0, n + 8 <= N: nothing past the row is read) as float32
+template <int BITS>
+inline __m256 codes8(const uint8_t* r, int64_t n) {
+  if (BITS == 8) return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + n))));
+  if (BITS == 4) {
+    uint32_t w;
+    std::memcpy(&w, r + n / 2, 4);
+    const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(int(w)), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+  }
+  uint16_t w;
+  std::memcpy(&w, r + n / 4, 2);
+  const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(int(w)), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(3)));
+}
+
+// Token-axis statistics of the current group as float32 (`s`, and `z` or the mid-rise offset).
+struct TokenStats {
+  int64_t id = -1;
+  std::vector<float> s, z;
+};
+
+// value = c * s + z, or (c - mid) * s without a zero (as quant.QuantizedTensor.dense computes it)
+template <bool ZERO>
+inline __m256 dequant8(__m256 c, __m256 s, __m256 z_or_mid) {
+  return ZERO ? _mm256_fmadd_ps(c, s, z_or_mid) : _mm256_mul_ps(_mm256_sub_ps(c, z_or_mid), s);
+}
+template <bool ZERO>
+inline float dequant1(float c, float s, float z_or_mid) {
+  return ZERO ? c * s + z_or_mid : (c - z_or_mid) * s;
+}
+
+template <int BITS, bool ZERO>
+inline void quant_row(const Operand& op, int64_t row, TokenStats& ts, float* out) {
+  const Quant& q = op.q;
+  const uint8_t* r = q.codes + row * q.row_bytes;
+  const int64_t N = q.N;
+  const float mid = q.mid();
+  if (q.token_axis) {
+    const int64_t id = (row / op.S) * q.groups + (q.offset + row % op.S) / q.group;
+    if (id != ts.id) {
+      ts.id = id;
+      ts.s.resize(round8(N));
+      ts.z.resize(round8(N));
+      for (int64_t n = 0; n < N; ++n) {
+        ts.s[n] = load_elem(q.scale, q.sdtype, id * N + n);
+        ts.z[n] = ZERO ? load_elem(q.zero, q.sdtype, id * N + n) : mid;
+      }
+    }
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8)
+      _mm256_storeu_ps(out + n, dequant8<ZERO>(codes8<BITS>(r, n), _mm256_loadu_ps(&ts.s[n]), _mm256_loadu_ps(&ts.z[n])));
+    for (; n < N; ++n) out[n] = dequant1<ZERO>(float(q.code(row, n)), ts.s[n], ts.z[n]);
+    return;
+  }
+  const int64_t base = row * q.groups;
+  for (int64_t g = 0, n = 0; n < N; ++g) {
+    const float s = load_elem(q.scale, q.sdtype, base + g);
+    const float z = ZERO ? load_elem(q.zero, q.sdtype, base + g) : mid;
+    const int64_t end = std::min(N, (g + 1) * q.group);
+    if (n % 8 == 0) {
+      const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
+      for (; n + 8 <= end; n += 8) _mm256_storeu_ps(out + n, dequant8<ZERO>(codes8<BITS>(r, n), sv, zv));
+    }
+    for (; n < end; ++n) out[n] = dequant1<ZERO>(float(q.code(row, n)), s, z);
+  }
+}
+
+// Decodes the rows of one operand, for one (b, h), into float32 rows of round8(D) lanes (zeros
+// past D): dense rows converted or dequantized; packed rows' kept values converted or dequantized
+// into `kv`, then expanded over the fill 8 channels at a time.
+struct Rows {
+  const Operand* op = nullptr;
+  int64_t D8 = 0;
+  bool fill = false, sign = false;
+  std::vector<float> chan, kv;
+  std::vector<uint8_t> kb, sb;
+  TokenStats ts;
+
+  Rows(const Operand& o, int64_t bh) : op(&o), D8(round8(o.D)) {
+    if (o.packed()) {
+      fill = o.fills();
+      sign = o.signs();
+      if (o.chan) {
+        chan.assign(D8, 0.f);
+        std::memcpy(chan.data(), o.chan + bh * o.D, o.D * sizeof(float));
+      }
+      kv.assign(o.D + 8, 0.f);
+      kb.assign(o.d8() + 8, 0);
+      sb.assign(o.d8() + 8, 0);
+    }
+  }
+
+  // the n stored values of `row` (first raw one at element `off`) as float32
+  void values(int64_t row, int64_t off, int64_t n, float* out) {
+    const Operand& o = *op;
+    if (o.quantized()) {
+      const bool z = o.q.zero != nullptr;
+      switch (o.q.bits * 2 + z) {
+        case 16: return quant_row<8, false>(o, row, ts, out);
+        case 17: return quant_row<8, true>(o, row, ts, out);
+        case 8: return quant_row<4, false>(o, row, ts, out);
+        case 9: return quant_row<4, true>(o, row, ts, out);
+        case 4: return quant_row<2, false>(o, row, ts, out);
+        default: return quant_row<2, true>(o, row, ts, out);
+      }
+    }
+    switch (o.dtype) {
+      case kF32: return raw_row<kF32>(o.vals, off, n, out);
+      case kBF16: return raw_row<kBF16>(o.vals, off, n, out);
+      default: return raw_row<kF16>(o.vals, off, n, out);
+    }
+  }
+
+  void decode(int64_t row, int64_t off, float* out) {
+    const Operand& o = *op;
+    if (!o.packed()) {
+      values(row, off, o.D, out);
+      for (int64_t c = o.D; c < D8; ++c) out[c] = 0.f;
+      return;
+    }
+    const uint8_t *k, *s;
+    int64_t n;
+    if (o.trits) {
+      decode_trits(o.trits + row * o.tb(), o.D, kb.data(), sb.data());
+      k = kb.data();
+      s = sb.data();
+      n = o.T >= 0 ? o.T : popcount_bytes(k, o.d8());
+    } else {
+      k = o.keep + row * o.d8();
+      s = o.sign ? o.sign + row * o.d8() : nullptr;
+      n = o.T >= 0 ? o.T : popcount_bytes(k, o.d8());
+    }
+    values(row, off, n, kv.data());
+    const Tables& tab = tables();
+    const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 sv = _mm256_set1_ps(o.scale_at(row)), negz = _mm256_set1_ps(-0.f);
+    const float* chp = chan.empty() ? nullptr : chan.data();
+    int64_t p = 0;
+    for (int64_t c = 0; c < o.D; c += 8) {
+      const unsigned b = k[c >> 3];
+      const __m256 x =
+          _mm256_permutevar8x32_ps(_mm256_loadu_ps(kv.data() + p), _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.perm[b])));
+      __m256 f = _mm256_setzero_ps();
+      if (fill) {
+        f = chp ? _mm256_mul_ps(sv, _mm256_loadu_ps(chp + c)) : sv;
+        if (sign) {  // negative where the sign bit is clear
+          const __m256i neg = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(s[c >> 3])), bitsel), _mm256_setzero_si256());
+          f = _mm256_xor_ps(f, _mm256_and_ps(_mm256_castsi256_ps(neg), negz));
+        }
+      }
+      const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), bitsel), bitsel);
+      _mm256_storeu_ps(out + c, _mm256_blendv_ps(f, x, _mm256_castsi256_ps(kept)));
+      p += __builtin_popcount(b);
+    }
+  }
+};
+
+// [sum(a0), ..., sum(a7)]
+inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// LT[m * kBlock + r] = q[m] . K[r] for the 8 rows of the tile K [8][D8]; q [M][D8].
+inline void logits8(const float* K, const float* q, int64_t M, int64_t D8, float* LT) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* qm = q + m * D8;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t c = 0; c < D8; c += 8) {
+      const __m256 qc = _mm256_loadu_ps(qm + c);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(K + c), qc, a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(K + D8 + c), qc, a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 2 * D8 + c), qc, a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 3 * D8 + c), qc, a3);
+      a4 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 4 * D8 + c), qc, a4);
+      a5 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 5 * D8 + c), qc, a5);
+      a6 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 6 * D8 + c), qc, a6);
+      a7 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 7 * D8 + c), qc, a7);
+    }
+    _mm256_storeu_ps(LT + m * kBlock, reduce8(a0, a1, a2, a3, a4, a5, a6, a7));
+  }
+}
+
+// exp(x) for x <= 0; -inf -> 0; results below float32's normal range flush to 0 (about 1 ulp
+// otherwise: the AVX-512 path's polynomial).
+inline __m256 exp_nonpos(__m256 x) {
+  const __m256 lim = _mm256_set1_ps(-87.f);
+  const __m256 under = _mm256_cmp_ps(x, lim, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lim);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+// Online softmax of one query row over a block: lt[kBlock] logits in, probabilities out (0 for
+// i >= n and masked tokens); returns whether any probability is nonzero.
+inline bool softmax_row(float* lt, int n, const float* bias, float scaling, float& m_run, float& l_run, float& alpha) {
+  const __m256 ninf = _mm256_set1_ps(-kInf), sc = _mm256_set1_ps(scaling);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int nv = (n + 7) / 8;
+  __m256 z[kBlock / 8];
+  __m256 mx = ninf;
+  for (int a = 0; a < nv; ++a) {
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - 8 * a), lane);
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(lt + 8 * a), sc);
+    if (bias) x = _mm256_add_ps(x, _mm256_maskload_ps(bias + 8 * a, valid));
+    z[a] = _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(valid));
+    mx = _mm256_max_ps(mx, z[a]);
+  }
+  const float mn = std::max(m_run, hmax8(mx));
+  if (mn == -kInf) {  // every logit so far is masked
+    std::memset(lt, 0, sizeof(float) * kBlock);
+    alpha = 1.f;
+    return false;
+  }
+  alpha = std::exp(m_run - mn);
+  const __m256 mv = _mm256_set1_ps(mn);
+  __m256 sum = _mm256_setzero_ps();
+  for (int a = 0; a < nv; ++a) {
+    const __m256 pz = exp_nonpos(_mm256_sub_ps(z[a], mv));
+    sum = _mm256_add_ps(sum, pz);
+    _mm256_storeu_ps(lt + 8 * a, pz);
+  }
+  for (int a = nv; a < kBlock / 8; ++a) _mm256_storeu_ps(lt + 8 * a, _mm256_setzero_ps());
+  l_run = l_run * alpha + hsum8(sum);
+  m_run = mn;
+  return true;
+}
+
+// acc[m][c0 .. c0 + 8 NCH) = acc * alpha[m] + sum_i P[m][i] V[i][...] for rows m0 .. m0 + MG
+template <int MG, int NCH>
+inline void pv_block(const float* V, int64_t Dv8, int n, const float* P, int64_t m0, const float* alpha, float* acc,
+                     int64_t c0) {
+  __m256 a[MG][NCH];
+  for (int j = 0; j < MG; ++j) {
+    const __m256 al = _mm256_set1_ps(alpha[m0 + j]);
+    for (int k = 0; k < NCH; ++k) a[j][k] = _mm256_mul_ps(_mm256_loadu_ps(acc + (m0 + j) * Dv8 + c0 + 8 * k), al);
+  }
+  for (int i = 0; i < n; ++i) {
+    const float* v = V + i * Dv8 + c0;
+    for (int j = 0; j < MG; ++j) {
+      const __m256 pj = _mm256_broadcast_ss(P + (m0 + j) * kBlock + i);
+      for (int k = 0; k < NCH; ++k) a[j][k] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * k), a[j][k]);
+    }
+  }
+  for (int j = 0; j < MG; ++j)
+    for (int k = 0; k < NCH; ++k) _mm256_storeu_ps(acc + (m0 + j) * Dv8 + c0 + 8 * k, a[j][k]);
+}
+
+template <int MG>
+inline void pv_rows(const float* V, int64_t Dv8, int n, const float* P, int64_t m0, const float* alpha, float* acc) {
+  constexpr int NCH = 8 / MG;
+  int64_t c0 = 0;
+  for (; c0 + 8 * NCH <= Dv8; c0 += 8 * NCH) pv_block<MG, NCH>(V, Dv8, n, P, m0, alpha, acc, c0);
+  for (; c0 < Dv8; c0 += 8) pv_block<MG, 1>(V, Dv8, n, P, m0, alpha, acc, c0);
+}
+
+inline void pv(const float* V, int64_t Dv8, int n, const float* P, int64_t M, const float* alpha, float* acc) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) pv_rows<4>(V, Dv8, n, P, m0, alpha, acc);
+  for (; m0 + 2 <= M; m0 += 2) pv_rows<2>(V, Dv8, n, P, m0, alpha, acc);
+  for (; m0 < M; ++m0) pv_rows<1>(V, Dv8, n, P, m0, alpha, acc);
+}
+
+inline std::vector<float> query_f32(const Problem& p, int64_t bh, int64_t D8) {
+  std::vector<float> q(p.M * D8, 0.f);
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t c = 0; c < p.D; ++c) q[m * D8 + c] = load_elem(p.q, p.q_dtype, (bh * p.M + m) * p.D + c);
+  return q;
+}
+
+// Logits of the rows b0 .. b0 + n - 1 (n <= kBlock) into LT [M][kBlock], 8 key rows per pass.
+inline void block_logits(const Problem& p, Rows& kr, Cursor& kc, int64_t row0, int n, const float* q, int64_t D8,
+                         float* Kt, float* LT) {
+  for (int i0 = 0; i0 < n; i0 += 8) {
+    const int r = std::min(8, n - i0);
+    for (int j = 0; j < r; ++j) {
+      const int64_t row = row0 + i0 + j;
+      kr.decode(row, kc.start(row), Kt + j * D8);
+      kc.advance(row);
+    }
+    if (r < 8) std::memset(Kt + r * D8, 0, sizeof(float) * (8 - r) * D8);
+    logits8(Kt, q, p.M, D8, LT + i0);
+  }
+}
+
+inline void decode_item(const Problem& p, int64_t bh, int64_t t0, int64_t t1, int64_t koff, int64_t voff, float* m_out,
+                        float* l_out, float* acc_out) {
+  const int64_t M = p.M, D8 = round8(p.D), Dv8 = round8(p.Dv);
+  const std::vector<float> q = query_f32(p, bh, D8);
+  Rows kr(p.K, bh), vr(p.V, bh);
+  std::vector<float> Kt(8 * D8), Vt(kBlock * Dv8), LT(M * kBlock), acc(M * Dv8, 0.f), alpha(M, 1.f);
+  std::fill(m_out, m_out + M, -kInf);
+  std::fill(l_out, l_out + M, 0.f);
+  const float* bias = bias_row(p, bh);
+  Cursor kc{&p.K, koff}, vc{&p.V, voff};
+  for (int64_t b0 = t0; b0 < t1; b0 += kBlock) {
+    const int n = int(std::min<int64_t>(kBlock, t1 - b0));
+    const int64_t row0 = bh * p.S + b0;
+    block_logits(p, kr, kc, row0, n, q.data(), D8, Kt.data(), LT.data());
+    bool any = false;
+    for (int64_t m = 0; m < M; ++m)
+      any |= softmax_row(LT.data() + m * kBlock, n, bias ? bias + b0 : nullptr, p.scaling, m_out[m], l_out[m], alpha[m]);
+    for (int i = 0; i < n; ++i) {
+      const int64_t row = row0 + i;
+      if (any) vr.decode(row, vc.start(row), Vt.data() + i * Dv8);
+      vc.advance(row);
+    }
+    if (any) pv(Vt.data(), Dv8, n, LT.data(), M, alpha.data(), acc.data());
+  }
+  for (int64_t m = 0; m < M; ++m) std::copy(acc.data() + m * Dv8, acc.data() + m * Dv8 + p.Dv, acc_out + m * p.Dv);
+}
+
+inline void qk_item(const Problem& p, int64_t bh, int64_t t0, int64_t t1, int64_t koff, float* out) {
+  const int64_t D8 = round8(p.D);
+  const std::vector<float> q = query_f32(p, bh, D8);
+  Rows kr(p.K, bh);
+  std::vector<float> Kt(8 * D8), LT(p.M * kBlock);
+  Cursor kc{&p.K, koff};
+  for (int64_t b0 = t0; b0 < t1; b0 += kBlock) {
+    const int n = int(std::min<int64_t>(kBlock, t1 - b0));
+    block_logits(p, kr, kc, bh * p.S + b0, n, q.data(), D8, Kt.data(), LT.data());
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int i = 0; i < n; ++i) out[(bh * p.M + m) * p.S + b0 + i] = LT[m * kBlock + i];
+  }
+}
+
+}  // namespace avx2
+#endif  // SPARKKV_AVX2
+
 // Whether the AVX-512 item drivers serve these head dims (when compiled in and not `portable`).
 // Dense operands of any head dim: the last partial 16- or 32-channel chunk of a row is a masked
 // load, against zero-padded query rows and accumulators. Packed ones rebuild whole 16-channel
@@ -1010,9 +1546,15 @@ inline bool avx_serves(int64_t D, int64_t Dv, bool keys_packed, bool values_pack
   return SPARKKV_AVX512 && D <= 256 && (!keys_packed || D % 16 == 0) && (!values_packed || Dv % 16 == 0);
 }
 
+// Operand kinds the AVX-512 paths read: dense or keep/sign-packed, raw values.
+inline bool avx512_reads(const Operand& op) { return op.trits == nullptr && !op.quantized(); }
+
 inline bool uses_avx(const Problem& p) {
-  return !p.opt.portable && avx_serves(p.D, p.Dv, p.K.packed(), p.V.packed());
+  return !p.opt.portable && p.opt.avx512 && avx512_reads(p.K) && avx512_reads(p.V) &&
+         avx_serves(p.D, p.Dv, p.K.packed(), p.V.packed());
 }
+
+inline bool uses_avx2(const Problem& p) { return SPARKKV_AVX2 && !p.opt.portable; }
 
 // ---------------------------------------------------------------------------------------------
 // drivers: split the work into (bh, part) items, run them in parallel
@@ -1052,7 +1594,7 @@ inline const char* decode(const Problem& p, int64_t parts, float* m_out, float* 
   int64_t total = 0;
   if (!variable_offsets(p.K, BH, p.S, parts, per, offs.k, &total)) return "flat key vals do not match the keep masks";
   if (!variable_offsets(p.V, BH, p.S, parts, per, offs.v, &total)) return "flat value vals do not match the keep masks";
-  const bool avx = uses_avx(p);
+  const bool avx = uses_avx(p), avx2 = uses_avx2(p);
   parallel_items(BH * parts, [&](int64_t item) {
     const int64_t bh = item / parts, t0 = std::min(p.S, (item % parts) * per), t1 = std::min(p.S, t0 + per);
     const int64_t row = bh * p.S + t0;
@@ -1063,7 +1605,10 @@ inline const char* decode(const Problem& p, int64_t parts, float* m_out, float* 
 #if SPARKKV_AVX512
     if (avx) return decode_item_avx(p, bh, t0, t1, koff, voff, mo, lo, ao);
 #endif
-    (void)avx;
+#if SPARKKV_AVX2
+    if (avx2) return avx2::decode_item(p, bh, t0, t1, koff, voff, mo, lo, ao);
+#endif
+    (void)avx, (void)avx2;
     decode_item_scalar(p, bh, t0, t1, koff, voff, mo, lo, ao);
   });
   return nullptr;
@@ -1075,14 +1620,17 @@ inline const char* qk(const Problem& p, float* out) {
   std::vector<int64_t> koffs;
   int64_t total = 0;
   if (!variable_offsets(p.K, BH, p.S, parts, per, koffs, &total)) return "flat key vals do not match the keep masks";
-  const bool avx = uses_avx(p);
+  const bool avx = uses_avx(p), avx2 = uses_avx2(p);
   parallel_items(BH * parts, [&](int64_t item) {
     const int64_t bh = item / parts, t0 = std::min(p.S, (item % parts) * per), t1 = std::min(p.S, t0 + per);
     const int64_t koff = item_start(p.K, koffs, item, bh * p.S + t0);
 #if SPARKKV_AVX512
     if (avx) return qk_item_avx(p, bh, t0, t1, koff, out);
 #endif
-    (void)avx;
+#if SPARKKV_AVX2
+    if (avx2) return avx2::qk_item(p, bh, t0, t1, koff, out);
+#endif
+    (void)avx, (void)avx2;
     qk_item_scalar(p, bh, t0, t1, koff, out);
   });
   return nullptr;
@@ -1107,54 +1655,117 @@ int dtype_code(const at::Tensor& t, const char* name) {
   return 0;
 }
 
-// A dense operand when `keep` is empty, else a packed one; shapes checked against [B, H, S, D].
-Operand make_operand(const char* name, const at::Tensor& vals, const at::Tensor& keep, const at::Tensor& sign,
-                     const at::Tensor& scale, const at::Tensor& chan, int64_t B, int64_t H, int64_t S, int64_t D) {
+// An operand from its fields (kernels/operands.py: Fields), in this order:
+//   tensors: vals, keep, sign, scale, chan, trits, codes, qscale, qzero (empty when absent)
+//   ints:    bits, group, token_axis, offset, N (codes per row)
+// Dense when keep and trits are empty, else packed; quantized when codes are given (then vals is
+// empty). Shapes checked against [B, H, S, D].
+enum { kVals, kKeep, kSign, kScale, kChan, kTrits, kCodes, kQScale, kQZero, kFields };
+
+bool shaped(const at::Tensor& t, int64_t B, int64_t H, int64_t S, int64_t last) {
+  return t.dim() == 4 && t.size(0) == B && t.size(1) == H && t.size(2) == S && t.size(3) == last;
+}
+
+Operand make_operand(const char* name, const std::vector<at::Tensor>& f, const std::vector<int64_t>& ints, int64_t B,
+                     int64_t H, int64_t S, int64_t D) {
+  TORCH_CHECK(f.size() == kFields && ints.size() == 5, name, ": expected ", int(kFields), " fields and 5 integers");
+  for (const auto& t : f)
+    TORCH_CHECK(!t.numel() || (t.is_contiguous() && t.device().is_cpu()), name, " fields must be contiguous CPU tensors");
   Operand op;
-  TORCH_CHECK(vals.is_contiguous() && vals.device().is_cpu(), name, " vals must be a contiguous CPU tensor");
-  op.dtype = dtype_code(vals, name);
-  op.vals = vals.data_ptr();
-  op.count = vals.numel();
   op.D = D;
-  if (!keep.numel()) {
-    TORCH_CHECK(vals.dim() == 4 && vals.size(0) == B && vals.size(1) == H && vals.size(2) == S && vals.size(3) == D,
-                name, " must be [", B, ", ", H, ", ", S, ", ", D, "], got ", vals.sizes());
-    op.T = D;
+  op.S = S;
+  const at::Tensor &vals = f[kVals], &keep = f[kKeep], &sign = f[kSign], &scale = f[kScale], &chan = f[kChan];
+  const at::Tensor &trits = f[kTrits], &codes = f[kCodes], &qscale = f[kQScale], &qzero = f[kQZero];
+  const bool packed = keep.numel() || trits.numel(), quantized = codes.numel() > 0;
+  int64_t per_row = D;  // values stored per row (fixed), -1 variable
+  if (quantized) {
+    const int64_t bits = ints[0], group = ints[1], N = ints[4];
+    TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, name, ": codes of ", bits, " bits (8, 4 or 2 are read)");
+    TORCH_CHECK(group >= 1 && N >= 1 && N <= D, name, ": group ", group, " and ", N, " codes per row");
+    TORCH_CHECK(codes.scalar_type() == at::kByte && shaped(codes, B, H, S, (N * bits + 7) / 8), name,
+                " codes must be uint8 [", B, ", ", H, ", ", S, ", ", (N * bits + 7) / 8, "], got ", codes.sizes());
+    sparkkv::Quant& q = op.q;
+    q.codes = codes.data_ptr<uint8_t>();
+    q.bits = int(bits);
+    q.N = N;
+    q.row_bytes = (N * bits + 7) / 8;
+    q.group = group;
+    q.token_axis = ints[2] != 0;
+    q.offset = ints[3];
+    TORCH_CHECK(qscale.dim() == 4 && qscale.size(0) == B && qscale.size(1) == H, name, " scales must be [", B, ", ", H,
+                ", ...], got ", qscale.sizes());
+    if (q.token_axis) {
+      q.groups = qscale.size(2);
+      TORCH_CHECK(q.offset >= 0 && q.offset < group && qscale.size(3) == N && q.groups * group >= q.offset + S, name,
+                  " token-axis scales must be [", B, ", ", H, ", >= ceil((offset + S) / group), ", N, "], got ",
+                  qscale.sizes(), " for offset ", q.offset, ", S ", S, ", group ", group);
+    } else {
+      q.groups = (N + group - 1) / group;
+      TORCH_CHECK(qscale.size(2) == S && qscale.size(3) == q.groups, name, " row-axis scales must be [", B, ", ", H,
+                  ", ", S, ", ", q.groups, "], got ", qscale.sizes());
+    }
+    q.scale = qscale.data_ptr();
+    q.sdtype = dtype_code(qscale, "scale");
+    if (qzero.numel()) {
+      TORCH_CHECK(qzero.sizes() == qscale.sizes() && qzero.scalar_type() == qscale.scalar_type(), name,
+                  " zeros must be shaped and typed like the scales");
+      q.zero = qzero.data_ptr();
+    }
+    op.dtype = sparkkv::kF32;
+    op.count = B * H * S * N;
+    per_row = N;
+  } else {
+    TORCH_CHECK(vals.numel() || !B || !H || !S || (packed && vals.dim() == 4), name, " vals missing");
+    op.dtype = dtype_code(vals, name);
+    op.vals = vals.data_ptr();
+    op.count = vals.numel();
+    if (!packed) {
+      TORCH_CHECK(shaped(vals, B, H, S, D), name, " must be [", B, ", ", H, ", ", S, ", ", D, "], got ", vals.sizes());
+    } else if (vals.dim() == 4) {
+      TORCH_CHECK(vals.size(0) == B && vals.size(1) == H && vals.size(2) == S && vals.size(3) <= D, name,
+                  " vals must be [", B, ", ", H, ", ", S, ", T <= ", D, "], got ", vals.sizes());
+      per_row = vals.size(3);
+    } else {
+      TORCH_CHECK(vals.dim() == 1, name, " vals must be [B, H, S, T] or flat, got ", vals.sizes());
+      per_row = -1;
+    }
+  }
+  op.T = per_row;
+  if (!packed) {
+    TORCH_CHECK(!quantized || per_row == D, name, ": dense codes must hold ", D, " values per row, got ", per_row);
     return op;
   }
   TORCH_CHECK(D % 8 == 0, name, " head_dim ", D, " is not a multiple of 8");
-  TORCH_CHECK(keep.scalar_type() == at::kByte && keep.is_contiguous() && keep.dim() == 4 && keep.size(0) == B &&
-                  keep.size(1) == H && keep.size(2) == S && keep.size(3) == D / 8,
-              name, " keep must be contiguous uint8 [", B, ", ", H, ", ", S, ", ", D / 8, "], got ", keep.sizes());
-  op.keep = keep.data_ptr<uint8_t>();
-  if (vals.dim() == 4) {
-    TORCH_CHECK(vals.size(0) == B && vals.size(1) == H && vals.size(2) == S && vals.size(3) <= D, name,
-                " vals must be [", B, ", ", H, ", ", S, ", T <= ", D, "], got ", vals.sizes());
-    op.T = vals.size(3);
+  if (keep.numel()) {
+    TORCH_CHECK(keep.scalar_type() == at::kByte && shaped(keep, B, H, S, D / 8), name, " keep must be contiguous uint8 [",
+                B, ", ", H, ", ", S, ", ", D / 8, "], got ", keep.sizes());
+    op.keep = keep.data_ptr<uint8_t>();
+    if (sign.numel()) {
+      TORCH_CHECK(sign.scalar_type() == at::kByte && sign.sizes() == keep.sizes(), name,
+                  " sign must be contiguous uint8 shaped like keep, got ", sign.sizes());
+      op.sign = sign.data_ptr<uint8_t>();
+    }
   } else {
-    TORCH_CHECK(vals.dim() == 1, name, " vals must be [B, H, S, T] or flat, got ", vals.sizes());
-    op.T = -1;
-  }
-  if (sign.numel()) {
-    TORCH_CHECK(sign.scalar_type() == at::kByte && sign.is_contiguous() && sign.sizes() == keep.sizes(), name,
-                " sign must be contiguous uint8 shaped like keep, got ", sign.sizes());
-    op.sign = sign.data_ptr<uint8_t>();
+    TORCH_CHECK(trits.scalar_type() == at::kByte && shaped(trits, B, H, S, (D + 4) / 5) && !sign.numel(), name,
+                " trits must be contiguous uint8 [", B, ", ", H, ", ", S, ", ", (D + 4) / 5, "] (and no sign), got ",
+                trits.sizes());
+    op.trits = trits.data_ptr<uint8_t>();
   }
   if (scale.numel()) {
-    TORCH_CHECK(scale.is_contiguous() && scale.numel() == B * H * S, name, " scale must be contiguous [", B, ", ", H,
-                ", ", S, "], got ", scale.sizes());
+    TORCH_CHECK(scale.numel() == B * H * S, name, " scale must be contiguous [", B, ", ", H, ", ", S, "], got ",
+                scale.sizes());
     op.scale = scale.data_ptr();
     op.scale_dtype = dtype_code(scale, "scale");
   }
   if (chan.numel()) {
-    TORCH_CHECK(chan.scalar_type() == at::kFloat && chan.is_contiguous() && chan.numel() == B * H * D, name,
+    TORCH_CHECK(chan.scalar_type() == at::kFloat && chan.numel() == B * H * D, name,
                 " chan must be contiguous float32 [", B, ", ", H, ", ", D, "], got ", chan.sizes());
     op.chan = chan.data_ptr<float>();
   }
   return op;
 }
 
-sparkkv::Problem make_problem(const at::Tensor& q, int64_t S, int64_t Dv, bool portable, bool bf16_dot) {
+sparkkv::Problem make_problem(const at::Tensor& q, int64_t S, int64_t Dv, bool portable, bool bf16_dot, bool avx512) {
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous() && q.device().is_cpu(), "query rows must be a contiguous CPU [B, H, M, D] tensor");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, "query rows must be float32 or bfloat16");
   sparkkv::Problem p;
@@ -1168,19 +1779,19 @@ sparkkv::Problem make_problem(const at::Tensor& q, int64_t S, int64_t Dv, bool p
   p.q_dtype = dtype_code(q, "query rows");
   p.opt.portable = portable;
   p.opt.bf16_dot = bf16_dot;
+  p.opt.avx512 = avx512;
   return p;
 }
 }  // namespace
 
-std::vector<at::Tensor> decode_partials(at::Tensor q, at::Tensor kvals, at::Tensor kkeep, at::Tensor ksign,
-                                        at::Tensor kscale, at::Tensor kchan, at::Tensor vvals, at::Tensor vkeep,
-                                        at::Tensor vsign, at::Tensor vscale, at::Tensor vchan, at::Tensor bias,
-                                        int64_t S, int64_t Dv, double scaling, int64_t splits, bool portable,
-                                        bool bf16_dot) {
-  sparkkv::Problem p = make_problem(q, S, Dv, portable, bf16_dot);
+std::vector<at::Tensor> decode_partials(at::Tensor q, std::vector<at::Tensor> kf, std::vector<int64_t> ki,
+                                        std::vector<at::Tensor> vf, std::vector<int64_t> vi, at::Tensor bias, int64_t S,
+                                        int64_t Dv, double scaling, int64_t splits, bool portable, bool bf16_dot,
+                                        bool avx512) {
+  sparkkv::Problem p = make_problem(q, S, Dv, portable, bf16_dot, avx512);
   TORCH_CHECK(splits >= 1, "splits must be >= 1, got ", splits);
-  p.K = make_operand("keys", kvals, kkeep, ksign, kscale, kchan, p.B, p.H, S, p.D);
-  p.V = make_operand("values", vvals, vkeep, vsign, vscale, vchan, p.B, p.H, S, Dv);
+  p.K = make_operand("keys", kf, ki, p.B, p.H, S, p.D);
+  p.V = make_operand("values", vf, vi, p.B, p.H, S, Dv);
   p.scaling = static_cast<float>(scaling);
   if (bias.numel()) {
     TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 3 && bias.size(0) == p.B &&
@@ -1197,10 +1808,10 @@ std::vector<at::Tensor> decode_partials(at::Tensor q, at::Tensor kvals, at::Tens
   return {m, l, acc};
 }
 
-at::Tensor packed_qk(at::Tensor q, at::Tensor kvals, at::Tensor kkeep, at::Tensor ksign, at::Tensor kscale,
-                     at::Tensor kchan, int64_t S, bool portable, bool bf16_dot) {
-  sparkkv::Problem p = make_problem(q, S, 0, portable, bf16_dot);
-  p.K = make_operand("keys", kvals, kkeep, ksign, kscale, kchan, p.B, p.H, S, p.D);
+at::Tensor packed_qk(at::Tensor q, std::vector<at::Tensor> kf, std::vector<int64_t> ki, int64_t S, bool portable,
+                     bool bf16_dot, bool avx512) {
+  sparkkv::Problem p = make_problem(q, S, 0, portable, bf16_dot, avx512);
+  p.K = make_operand("keys", kf, ki, p.B, p.H, S, p.D);
   at::Tensor out = at::empty({p.B, p.H, p.M, S}, q.options().dtype(at::kFloat));
   const char* err = sparkkv::qk(p, out.data_ptr<float>());
   TORCH_CHECK(err == nullptr, err);
@@ -1208,17 +1819,19 @@ at::Tensor packed_qk(at::Tensor q, at::Tensor kvals, at::Tensor kkeep, at::Tenso
 }
 
 bool has_avx512_path() { return SPARKKV_AVX512; }
+bool has_avx2_path() { return SPARKKV_AVX2; }
 bool has_bf16_dot() { return SPARKKV_BF16DOT; }
 bool avx512_serves(int64_t D, int64_t Dv, bool keys_packed, bool values_packed) {
   return sparkkv::avx_serves(D, Dv, keys_packed, values_packed);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_partials", &decode_partials, "fused logits + online softmax + P.V partials over packed/dense K, V");
-  m.def("packed_qk", &packed_qk, "logits of query rows against packed or dense keys");
+  m.def("decode_partials", &decode_partials, "fused logits + online softmax + P.V partials over packed/quantized/dense K, V");
+  m.def("packed_qk", &packed_qk, "logits of query rows against packed, quantized or dense keys");
   m.def("has_avx512_path", &has_avx512_path, "whether the AVX-512 paths were compiled in");
+  m.def("has_avx2_path", &has_avx2_path, "whether the AVX2 path was compiled in");
   m.def("has_bf16_dot", &has_bf16_dot, "whether the AVX512_BF16 dot-product stages were compiled in");
   m.def("avx512_serves", &avx512_serves,
-        "whether the AVX-512 paths serve head dims (D, Dv) with keys / values packed or dense");
+        "whether the AVX-512 paths serve head dims (D, Dv) with keys / values packed or dense (raw values, keep/sign masks)");
 }
 #endif  // SPARKKV_STANDALONE

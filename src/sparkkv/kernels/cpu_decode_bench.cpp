@@ -68,6 +68,14 @@ Packed make_packed(std::mt19937& rng, int64_t rows, int64_t heads, int64_t D, in
   return p;
 }
 
+const char* expand_form() {
+#if SPARKKV_AVX512
+  return kRegisterExpand ? "register" : "memory";
+#else
+  return "n/a (no AVX-512 path)";
+#endif
+}
+
 std::vector<double> output(const std::vector<float>& l, const std::vector<float>& acc, int64_t rows, int64_t Dv) {
   std::vector<double> o(rows * Dv);
   for (int64_t i = 0; i < rows; ++i)
@@ -106,7 +114,7 @@ int main(int argc, char** argv) {
                {"K50 + dense V", k50.op, dense_v},
                {"K80 + V80", k80.op, v80.op}};
   std::printf("S=%lld, M=%lld, %d thread(s), %s; expand form: %s\n", (long long)S, (long long)M, threads,
-              cpu_time ? "thread CPU time" : "wall time", kRegisterExpand ? "register" : "memory");
+              cpu_time ? "thread CPU time" : "wall time", expand_form());
   std::printf("%-18s %-9s %12s %12s %14s\n", "case", "path", "ns/token-head", "logits only", "rel err vs scalar");
   for (const Case& c : cases) {
     Problem p;
