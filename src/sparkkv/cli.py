@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "think, none (no channel policy: with --key-bits/--value-bits below 16, plain quantization), snapkv, pyramidkv, "
         "streamingllm and <eviction>+<spark|think> such as snapkv+spark; and the quantized baselines quanto-int4, "
         "quanto-int2 (transformers' QuantizedCache, backend optimum-quanto) and hqq-int4, hqq-int2 (backend HQQ), "
-        "at QuantizedCache's defaults (q_group_size 64, residual_length 128; pip install -e \".[quant]\"). "
+        "at QuantizedCache's defaults (q_group_size 64, residual_length 128; pip install -e \".[quant]\" for quanto, \".[hqq]\" for HQQ). "
         "Every sparkkv method except dense is crossed with --key-bits x --value-bits x --value-ratios (spark only) x "
         "--quant-group-size (quantized configurations only) x --mask-format (trits: spark only); combinations "
         "SparKConfig refuses are left out.",

@@ -6,8 +6,9 @@ backends, as methods of the evaluation grid.
 
 Both at QuantizedCache's own defaults: `q_group_size=64`, `residual_length=128`, `axis_key=axis_value=0`
 (groups of 64 consecutive channels of one token, for keys and values alike; transformers' docstring calls
-it per-channel, KIVI would quantize keys per channel over tokens). Installed by the `quant` extra
-(`pip install -e ".[quant]"`).
+it per-channel, KIVI would quantize keys per channel over tokens). quanto is installed by the `quant`
+extra (`pip install -e ".[quant]"`), HQQ by the `hqq` extra (its own: once installed, transformers
+imports it in every `import transformers.cache_utils`, about 5 s per process).
 
 A grid forks them from the same shared prefill as every other configuration (`runner.run_batch`):
 prefill attention is dense for a `QuantizedCache` too (its first `update` quantizes the prompt and
@@ -29,7 +30,8 @@ import torch
 from ..tensors import storage_nbytes
 
 # backend -> (module that must import, the pip package that provides it)
-BACKENDS = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq.core.quantize", "hqq")}
+# backend -> (module to find, pip package, sparkkv extra that installs it)
+BACKENDS = {"quanto": ("optimum.quanto", "optimum-quanto", "quant"), "hqq": ("hqq.core.quantize", "hqq", "hqq")}
 BITS = (4, 2)
 METHODS = tuple(f"{backend}-int{bits}" for backend in BACKENDS for bits in BITS)
 # QuantizedCache's defaults (transformers 5.x `QuantizedLayer`), recorded in every cell's config
@@ -85,13 +87,13 @@ def is_baseline(config) -> bool:
 
 def unavailable(backend: str) -> str | None:
     """Why the backend cannot run here (one line with the fix), or None when it can."""
-    module, package = BACKENDS[backend]
+    module, package, extra = BACKENDS[backend]
     try:
         found = importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         found = False
     if not found:
-        return f"QuantizedCache(backend={backend!r}) needs the {package} package: pip install -e \".[quant]\" (or pip install {package})"
+        return f"QuantizedCache(backend={backend!r}) needs the {package} package: pip install -e \".[{extra}]\" (or pip install {package})"
     try:
         from transformers.cache_utils import QuantizedCache  # noqa: F401
     except ImportError as exc:

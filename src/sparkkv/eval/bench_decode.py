@@ -6,9 +6,12 @@ the attention layer's work: q/k/v/o projections plus reading the cache), run thr
 with a cache holding `context` random tokens: StaticCache+sdpa (the fastest dense path),
 DynamicCache+sdpa (what users get by default; its append copies the whole cache) and SparKCache
 configurations. Each row reports its backend, the bytes its cache holds, the ratio to both dense
-rows, and the byte bound: (layer weights + cache bytes) / (layer weights + dense cache bytes), the
-best ratio a step that only moves bytes could reach. Caches are filled directly (no 128k-token
-prefill through a model); timings are medians after warm-up, all rows in one run.
+rows, for quantized configurations the ratio to the same configuration without quantization
+(`key_bits = value_bits = 16`, when that row is in the run), and the byte bound: (layer weights +
+cache bytes) / (layer weights + dense cache bytes), the best ratio a step that only moves bytes
+could reach. Caches are filled directly (no 128k-token prefill through a model); timings are
+medians after warm-up, all rows in one run, interleaved: every round times one step of every
+row, so load from other processes hits all rows alike.
 
 Prefill overhead: SmolLM2-135M's architecture (random weights), a prompt prefilled with a
 DynamicCache and with a SparKCache, interleaved, medians: the cost of saliency, selection and
@@ -34,6 +37,7 @@ COLUMNS = [
     ("ms", "median ms", ".2f"),
     ("vs_static", "vs StaticCache+sdpa", ".3f"),
     ("vs_dynamic", "vs DynamicCache+sdpa", ".3f"),
+    ("vs_unquantized", "vs unquantized", ".3f"),
     ("cache_bytes", "cache bytes", ",d"),
     ("byte_bound", "byte bound", ".3f"),
 ]
@@ -43,6 +47,12 @@ CONFIGS = [
     SparKConfig(key_prune_ratio=0.8),
     SparKConfig(key_prune_ratio=0.8, value_prune_ratio=0.8),
     SparKConfig(method="think", key_prune_ratio=0.8),
+    # quantized storage (issue 18) and what it is compared with: the same without quantization
+    SparKConfig(key_prune_ratio=0.8, mask_format="trits"),
+    SparKConfig(key_prune_ratio=0.8, mask_format="trits", key_bits=4, value_bits=4),
+    SparKConfig(method="none"),  # no channel policy: dense storage read by the fused kernel
+    SparKConfig(method="none", key_bits=4, value_bits=4),
+    SparKConfig(method="none", key_bits=2, value_bits=2),
 ]
 
 
@@ -55,15 +65,18 @@ def layer_config(kv_heads: int = 8, groups: int = 4, head_dim: int = 128) -> Lla
     )
 
 
-def _median_ms(step, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
+def _median_ms(steps: list, reps: int, warmup: int) -> list[float]:
+    """Median ms of each of `steps`, timed round-robin (one call of each per round) after warm-up."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in steps]
     for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for step, t in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            t.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def _filled_caches(cfg, context: int, configs, capacity: int, dtype, seed: int):
@@ -95,24 +108,33 @@ def decode_timing(context: int, kv_heads: int = 8, groups: int = 4, head_dim: in
     models["sparkkv"].load_state_dict(models["sdpa"].state_dict())
     weight_bytes = sum(p.numel() * p.element_size() for n, p in models["sdpa"].named_parameters() if "layers." in n)
     rows = []
-    for name, cache, impl in _filled_caches(cfg, context, configs, context + steps + warmup + 8, dtype, seed):
-        model = models[impl]
-        token = torch.zeros(1, 1, dtype=torch.long)
+    caches = _filled_caches(cfg, context, configs, context + steps + warmup + 8, dtype, seed)
+    token = torch.zeros(1, 1, dtype=torch.long)
 
+    def stepper(model, cache):
         def step():
             with torch.no_grad():
                 model(token, **{CACHE_KWARG: cache}, logits_to_keep=1)
 
-        ms = _median_ms(step, steps, warmup)
+        return step
+
+    medians = _median_ms([stepper(models[impl], cache) for _, cache, impl in caches], steps, warmup)
+    for (name, cache, _), ms in zip(caches, medians):
         if isinstance(cache, SparKCache):
             held, backend = cache.nbytes, "+".join(sorted(cache.layers[0].backend_report.served))
         else:  # the dense rows: the bytes of `context` tokens (StaticCache allocates its capacity)
             held, backend = 2 * kv_heads * context * head_dim * torch.empty((), dtype=dtype).element_size(), "sdpa"
         rows.append({"path": name, "backend": backend, "context": context, "ms": ms, "cache_bytes": int(held)})
+    ms_of = {row["path"]: row["ms"] for row in rows}
     for row in rows:
         row["vs_static"] = row["ms"] / rows[0]["ms"]
         row["vs_dynamic"] = row["ms"] / rows[1]["ms"]
+        row["vs_unquantized"] = None
         row["byte_bound"] = (weight_bytes + row["cache_bytes"]) / (weight_bytes + rows[0]["cache_bytes"])
+    for row, config in zip(rows[2:], configs):  # the SparK rows, in the order of `configs`
+        base = ms_of.get(f"SparKCache {config.replace(key_bits=16, value_bits=16).name}")
+        if config.quantized and base:
+            row["vs_unquantized"] = row["ms"] / base
     return rows
 
 
