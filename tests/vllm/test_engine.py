@@ -25,11 +25,12 @@ PROMPTS = [
     "Who wrote Romeo and Juliet?",
 ]
 # A greedy step where the two top logits are this close (in stock's own log-probabilities) is a
-# tie that a different summation order may break the other way. The engine runs the model in
-# bfloat16, so its logits are bfloat16 numbers: 0.125 apart for logits in [16, 32), where SmolLM2's
-# top logits lie; a gap of one or two such steps is a tie at the model's own precision (seen: a
-# prompt that differed from stock after a 0.125-nat gap).
-TIE_NATS = 0.25
+# tie that a different summation order may break the other way.
+TIE_NATS = 0.1
+# The ratio-0 comparison runs both engines in float32. In bfloat16 the logits are bfloat16 numbers,
+# 0.125 apart where SmolLM2's top logits lie, so exact ties are common: there 2 of 5 prompts were
+# identical, every difference at a gap of one or two such steps; in float32 all 5 were.
+EXACT = {"dtype": "float32"}
 
 
 def _env(**extra):
@@ -99,8 +100,9 @@ def _same_or_tie(ref: dict, got: dict, i: int) -> str | None:
     return f"prompt {i} differs at token {step}: stock {a[step]} vs plugin {b[step]}, stock logprob gap {gap:.3f} nats"
 
 
-def test_ratio_zero_matches_stock_prompt_by_prompt(stock):
-    got = run_engine({"attention_backend": "CUSTOM", "additional_config": {"sparkkv": {"key_prune_ratio": 0.0}}})
+def test_ratio_zero_matches_stock_prompt_by_prompt():
+    stock = run_engine(EXACT)
+    got = run_engine({**EXACT, "attention_backend": "CUSTOM", "additional_config": {"sparkkv": {"key_prune_ratio": 0.0}}})
     problems = [p for i in range(len(PROMPTS)) if (p := _same_or_tie(stock, got, i))]
     assert not problems, problems
     exact = sum(a == b for a, b in zip(stock["token_ids"], got["token_ids"]))
