@@ -176,7 +176,11 @@ def test_empty_chunk(seed):
 def test_threads_do_not_change_results(seed):
     keys = make_keys("top_p", 1, 4, 700, 128, torch.bfloat16)
     values = make_values("0.8", 1, 4, 700, 128, torch.bfloat16)
-    q = torch.randn(1, 4, 4, 128).bfloat16()
+    check_threads_do_not_change_results(keys, values, torch.randn(1, 4, 4, 128).bfloat16())
+
+
+def check_threads_do_not_change_results(keys, values, q):
+    """1 and 2 threads give bit-identical partials (also used by tests/test_kernels_quant.py)."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -24,6 +24,7 @@ from sparkkv.kernels.reference import merge_partials, reference_attention
 from sparkkv.method import compress_values
 from sparkkv.packed import ColumnPackedTensor, DenseChunk, PackedTensor
 from sparkkv.quant import QuantizedTensor
+from test_kernels import check_threads_do_not_change_results
 from test_quant import ref_dequantize
 
 CPU_OK = cpu.load() is not None
@@ -259,17 +260,7 @@ def test_cpu_packed_qk(seed, kind, dtype):
 def test_cpu_threads_do_not_change_results(seed):
     keys = make_keys("trits+q", 1, 4, 700, 128, torch.bfloat16, 4)
     values = make_values("q", 1, 4, 700, 128, torch.bfloat16, 4)
-    q = torch.randn(1, 4, 4, 128).bfloat16()
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu.decode_partials(q, keys, values, 0.1, splits=5)
-        torch.set_num_threads(2)
-        two = cpu.decode_partials(q, keys, values, 0.1, splits=5)
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(one, two):
-        assert torch.equal(a, b)
+    check_threads_do_not_change_results(keys, values, torch.randn(1, 4, 4, 128).bfloat16())
 
 
 @needs_cpu
