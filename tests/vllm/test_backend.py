@@ -105,7 +105,9 @@ def test_prefill_then_decode_matches_reference(monkeypatch, seed, path, tol, rat
         dense = torch.nn.functional.scaled_dot_product_attention(
             req.q[:b - a].transpose(0, 1).unsqueeze(0).float(), req.k[:b - a].transpose(0, 1).unsqueeze(0).float(),
             req.v[:b - a].transpose(0, 1).unsqueeze(0).float(), is_causal=True, scale=d**-0.5, enable_gqa=True)
-        torch.testing.assert_close(out[a:b].float(), dense[0].transpose(0, 1), rtol=0, atol=1e-2)
+        # the output is bfloat16: rounding alone moves an entry by up to half a step (2^-8 relative;
+        # seed 769095270 hit 0.0149 at a value of 4.05), so one step relative on top of the atol
+        torch.testing.assert_close(out[a:b].float(), dense[0].transpose(0, 1), rtol=2**-7, atol=1e-2)
     for step in range(12):  # crosses a page boundary for request 0 (37 + 12 > 48)
         out, qsl = _run_step(impl, kv, bs, reqs, [1, 1], prompts)
         for i, req in enumerate(reqs):
