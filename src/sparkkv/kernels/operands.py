@@ -116,15 +116,6 @@ def fields(x) -> Fields | None:
     return None
 
 
-def device_of(x) -> torch.device:
-    f = fields(x)
-    return f.device if f is not None else x.device
-
-
-def dtype_of(x) -> torch.dtype:
-    return x.dtype
-
-
 def operand_problem(name: str, x, device_ok: Callable[[torch.device], bool], where: str) -> str | None:
     """Why a kernel cannot read operand `x` (keys or values), or None. `device_ok` says which
     devices the kernel runs on, `where` describes them for the message."""

@@ -254,8 +254,7 @@ def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits:
         bias_strides = (bias.stride(0), bias.stride(1) if bias.shape[1] == h else 0)
     k_fields, k_meta = _operand(keys, dummy_f, dummy_i)
     v_fields, v_meta = _operand(values, dummy_f, dummy_i)
-    dtype_of = operands.dtype_of
-    storage = dtype_of(keys) if dtype_of(keys) == dtype_of(values) else torch.float32
+    storage = keys.dtype if keys.dtype == values.dtype else torch.float32
     dot_dtype = tl.float32 if (device.type != "cuda" or storage == torch.float32) else (
         tl.bfloat16 if storage == torch.bfloat16 else tl.float16)
     _decode_kernel[(b * h, splits)](
