@@ -51,6 +51,23 @@ def _prefill(model, b: int, s: int, seed: int):
     return capture
 
 
+@_needs("quanto")
+def test_quanto_builds_its_extension_under_the_build_guard(testbed, monkeypatch):
+    """A quanto baseline loads quanto's CPU extension through `build.guarded_load` (stale-lock safe)
+    before its cache exists, in quanto's own build folder."""
+    from optimum.quanto.library.extensions import get_extension
+
+    from sparkkv.kernels import build
+
+    calls = []
+    real = build.guarded_load
+    monkeypatch.setattr(build, "guarded_load", lambda folder, key, load: calls.append((folder, key)) or real(folder, key, load))
+    model, _ = testbed
+    cache = baselines.prefill_cache(_prefill(model, 1, 80, 0), baselines.parse("quanto-int4"), model.config)
+    assert calls == [(Path(get_extension("quanto_cpp").build_directory), "quanto_cpp")]
+    assert cache.get_seq_length() == 80
+
+
 @pytest.mark.parametrize("method", BASELINES)
 def test_bytes_are_codes_scales_zeros_and_the_residual(testbed, method, seed):
     """cache_nbytes = per layer, for K and V: numel * bits / 8 bytes of packed codes + a float32 scale

@@ -232,3 +232,46 @@ def test_no_ninja_is_logged_once_auto_falls_back_and_cpu_raises(dummy, monkeypat
     assert ops.resolve_backend("auto", torch.device("cpu")).name == "torch"
     with pytest.raises(RuntimeError, match="Ninja is required"):
         ops.resolve_backend("cpu", torch.device("cpu"))
+
+
+def test_guarded_load_frees_another_librarys_extension_from_a_stale_torch_lock(dummy, tmp_path):
+    """`build.guarded_load` is what sparkkv wraps around a library's own torch extension (quanto's):
+    with a `lock` left by an interrupted build in that folder, torch's loader alone waits forever;
+    under the guard the lock is removed (logged) and the extension builds and loads."""
+    from torch.utils import cpp_extension
+
+    key, source, _ = dummy
+    folder = tmp_path / "library_build"
+    folder.mkdir()
+    (folder / "lock").touch()  # an interrupted build's leftover, no live builder
+
+    def load():
+        return cpp_extension.load(name=key, sources=[str(source)], build_directory=str(folder), verbose=False)
+
+    results = []
+    thread = threading.Thread(target=lambda: results.append(build.guarded_load(folder, key, load)), daemon=True)
+    thread.start()
+    thread.join(240)
+    if thread.is_alive():
+        (folder / "lock").unlink(missing_ok=True)
+        thread.join(120)
+        pytest.fail("the guarded load waited on a stale torch lock")
+    [module] = results
+    assert module.answer() == 42
+    assert not (folder / "lock").exists()
+
+
+def test_guarded_load_waits_for_a_live_builder_at_most_the_timeout(tmp_path, monkeypatch):
+    folder = tmp_path / "library_build"
+    folder.mkdir()
+    holder = os.open(folder / "sparkkv-build.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    os.write(holder, b"424242\n")
+    (folder / "lock").touch()  # the live builder's
+    monkeypatch.setenv("SPARKKV_BUILD_TIMEOUT", "0.3")
+    try:
+        with pytest.raises(build.BuildTimeout, match="424242"):
+            build.guarded_load(folder, "some_ext", lambda: pytest.fail("loaded while another process builds"))
+    finally:
+        os.close(holder)
+    assert (folder / "lock").exists()

@@ -112,6 +112,8 @@ def prefill_cache(capture, config: QuantizedCacheConfig, model_config):
     recorded = capture.recorded
     if not recorded:
         raise RuntimeError("prefill_cache needs a PrefillCapture that has seen a prefill")
+    if config.backend == "quanto" and next(iter(recorded.values())).keys.device.type == "cpu":
+        _quanto_extension()
     cache = QuantizedCache(backend=config.backend, config=model_config, nbits=config.nbits,
                            q_group_size=config.q_group_size, residual_length=config.residual_length)
     for layer_idx in sorted(recorded):
@@ -120,6 +122,25 @@ def prefill_cache(capture, config: QuantizedCacheConfig, model_config):
             raise ValueError("a QuantizedCache quantizes padding tokens with the rest: the grid prefills unpadded batches only")
         cache.update(inputs.keys, inputs.values, layer_idx)
     return cache
+
+
+def _quanto_extension() -> None:
+    """Build (or load) optimum-quanto's CPU extension under sparkkv's build guard before the cache
+    needs it. quanto builds it with torch's loader on first use, in its own package folder; a run
+    killed during that build (Ctrl-C in the first baseline run) leaves torch's `lock` there, and every
+    later run would wait for it forever inside the first decode step. Through
+    `build.guarded_load` the stale lock is removed and the build redone, with the wait bounded."""
+    try:
+        from optimum.quanto.library.extensions import get_extension
+
+        ext = get_extension("quanto_cpp")
+    except (ImportError, KeyError, AttributeError):  # another quanto layout: it builds as it does
+        return
+    from pathlib import Path
+
+    from ..kernels import build
+
+    build.guarded_load(Path(ext.build_directory), "quanto_cpp", lambda: ext.lib)
 
 
 def tensors_of(obj) -> list[torch.Tensor]:

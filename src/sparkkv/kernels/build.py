@@ -18,7 +18,9 @@ warning) and builds. A process that finds the flock taken waits for it (another 
 building; after 5 s it logs a warning naming that pid) for at most `SPARKKV_BUILD_TIMEOUT` seconds
 (default 600), then gives up with one warning saying which pid holds it and which folder to delete
 if no build is running: "auto" uses the PyTorch reference for the rest of the process, "cpu" raises
-with that reason.
+with that reason. `guarded_load(folder, key, load)` puts the same guard around another library's
+torch extension (optimum-quanto's CPU extension, which the QuantizedCache baselines build on first
+use in quanto's own package folder: `sparkkv.eval.baselines`).
 
 A folder that cannot be written (a read-only mount, a shared install) is used as it is when it
 holds a build of exactly this source and these flags for this torch and Python, which every
@@ -150,10 +152,7 @@ def _load_or_build(key: str, source: Path, cflags: list[str], ldflags: list[str]
         raise
     try:
         _acquire(fd, folder, key)
-        stale = folder / TORCH_LOCK
-        if stale.exists():  # every live builder holds our flock, and we hold it now
-            log.warning("sparkkv: removing %s, left by a build that was interrupted (its process is gone); rebuilding", stale)
-            stale.unlink(missing_ok=True)
+        _remove_stale_torch_lock(folder)
         module = cpp_extension.load(name=key, sources=[str(source)], extra_cflags=list(cflags),  # torch appends to
                                     extra_ldflags=list(ldflags), build_directory=str(folder), verbose=False)  # the lists
         _write_stamp(folder, stamp)
@@ -161,6 +160,37 @@ def _load_or_build(key: str, source: Path, cflags: list[str], ldflags: list[str]
         return module
     finally:
         os.close(fd)  # releases the flock
+
+
+def _remove_stale_torch_lock(folder: Path) -> None:
+    """Called holding our flock: every live builder holds it, so a torch `lock` still there is stale."""
+    stale = folder / TORCH_LOCK
+    if stale.exists():
+        log.warning("sparkkv: removing %s, left by a build that was interrupted (its process is gone); rebuilding", stale)
+        stale.unlink(missing_ok=True)
+
+
+def guarded_load(folder: Path, key: str, load):
+    """`load()` (a call that builds or loads a torch C++ extension whose build folder is `folder`, such
+    as a library's own extension) under the same guard as this module's kernels: our flock, a stale
+    torch `lock` removed, at most SPARKKV_BUILD_TIMEOUT seconds of waiting (`BuildTimeout`). Every
+    process that builds that extension through here is safe from the others' interrupted builds; a
+    folder that cannot be written is left to `load()` itself."""
+    if fcntl is None:
+        return load()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder / FLOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        if exc.errno in _READ_ONLY:
+            return load()
+        raise
+    try:
+        _acquire(fd, folder, key)
+        _remove_stale_torch_lock(folder)
+        return load()
+    finally:
+        os.close(fd)
 
 
 def _acquire(fd: int, folder: Path, key: str) -> None:
