@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
         args = cli.parse(["eval", "--methods", "dense", *argv])
         args.configs = configs
         grid.check_fits(args.configs, args.lengths)
-        cli._check_baselines(args.configs, "eval")
+        cli.check_baselines(args.configs, "eval")
     except cli.UsageError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -253,6 +253,28 @@ def test_bench_bytes_small(capsys):
     assert "| dense | 4,096 |" in out and "think k0.8" in out
 
 
+def test_bench_decode_small_with_both_prefill_rows(capsys, tmp_path, monkeypatch):
+    """The decode bench at a toy size, with the prefill rows: SparK and SparK on 4-bit storage (on a
+    2-layer model of SmolLM2's head layout instead of all 30 layers)."""
+    from transformers import LlamaConfig
+
+    from sparkkv.eval import bench_decode
+
+    tiny = LlamaConfig(hidden_size=576, intermediate_size=64, num_hidden_layers=2, num_attention_heads=9,
+                       num_key_value_heads=3, head_dim=64, vocab_size=256, max_position_embeddings=512)
+    monkeypatch.setattr(bench_decode, "smollm2_geometry", lambda: tiny)
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", "decode", "--contexts", "64", "--kv-heads", "1", "--groups", "2", "--head-dim", "16",
+            "--steps", "1", "--warmup", "0", "--prefill-tokens", "64", "--json", str(out_json)]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    names = [row["config"] for row in result["prefill_rows"]]
+    assert names == ["spark k0.8", "spark k0.8 kq4 vq4 trits"] and result["prefill"] == result["prefill_rows"][0]
+    assert all(row["ratio"] > 0 and row["tokens"] == 64 for row in result["prefill_rows"])
+    assert out.count("prefill, SmolLM2-135M geometry") == 2 and "spark k0.8 kq4 vq4 trits" in out
+
+
 def test_generate_chat_on_the_real_model(capsys):
     from realmodel import smollm2
 

@@ -326,3 +326,11 @@ def test_fronts_pick_tables_and_plots(tmp_path):
     paths = report.plot(records, tmp_path)
     assert {"score_vs_kv_bytes.png", "score_vs_bytes_front.png"} <= {p.name for p in paths}
     assert (tmp_path / "score_vs_bytes_front.png").stat().st_size > 10_000
+
+
+def test_description_gives_n_per_column_when_the_columns_differ():
+    """A report over folders run at different n names each column's n (2k n = 50 beside 4k n = 20)."""
+    same = [_record("dense", "niah", 2048, 1.0, 1.0, None), _record("dense", "perplexity", 1024, 1.0, 18.7, None)]
+    assert "n = 2 per cell;" in report.describe(same)
+    mixed = same + [dict(_record("dense", "niah", 4096, 1.0, 1.0, None), n=20)]
+    assert "n per cell: niah @2048 2, ppl @1024 2, niah @4096 20;" in report.describe(mixed)

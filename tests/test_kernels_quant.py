@@ -4,10 +4,10 @@ rebuilt here from their raw stored fields (digits, bits, codes, scales), on rand
 fresh seed; and through `ops.attend` and a model's cache, where the backend must report that it
 served every part.
 
-Operand kinds: SparK keys with trits (raw or quantized kept values, fixed or variable T) or keep +
-sign bits with quantized kept values, dense quantized keys (groups of tokens per channel), ThinK's
-quantized kept columns, dense quantized values (groups per row), pruned values with quantized kept
-values; bits 8 / 4 / 2; float32 / bfloat16 / float16 models.
+Operand kinds: SparK keys with trits (raw, or quantized kept values with per-channel scales; fixed or
+variable T) or keep + sign bits with quantized kept values (per-row scales), dense quantized keys
+(groups of tokens per channel), ThinK's quantized kept columns, dense quantized values (groups per
+row), pruned values with quantized kept values; bits 8 / 4 / 2; float32 / bfloat16 / float16 models.
 """
 
 import math
@@ -25,7 +25,7 @@ from sparkkv.method import compress_values
 from sparkkv.packed import ColumnPackedTensor, DenseChunk, PackedTensor
 from sparkkv.quant import QuantizedTensor
 from test_kernels import check_threads_do_not_change_results
-from test_quant import ref_dequantize
+from test_quant import ref_dequantize, ref_kept_channels
 
 CPU_OK = cpu.load() is not None
 needs_cpu = pytest.mark.skipif(not CPU_OK, reason="the CPU kernel cannot be built here (no compiler/ninja)")
@@ -71,7 +71,7 @@ def ref_dense(x) -> torch.Tensor:
     else:
         keep = ref_bits(x.keep, d)
         positive = ref_bits(x.sign, d) if x.sign is not None else None
-    kept = ref_dequantize(x.vals) if isinstance(x.vals, QuantizedTensor) else x.vals.double()
+    kept = ref_dequantize(x.vals, ref_kept_channels(keep)) if isinstance(x.vals, QuantizedTensor) else x.vals.double()
     out = torch.zeros(x.shape, dtype=torch.float64)
     if positive is not None or x.scale is not None or x.chan is not None:
         out = positive.double() * 2 - 1 if positive is not None else torch.ones(x.shape, dtype=torch.float64)
@@ -105,8 +105,8 @@ def make_keys(kind, b, h, s, d, dtype, bits, group=32, g=4):
     spark = lambda **kw: compress_keys(keys, window, SparKConfig(key_prune_ratio=0.8, **kw))  # noqa: E731
     if kind == "trits":
         return spark().with_trits()
-    if kind == "trits+q":
-        return spark().with_trits().with_quantized_vals(bits, group, symmetric=True)
+    if kind == "trits+q":  # per-channel scales over token groups, as the cache stores SparK keys
+        return spark().with_trits().with_quantized_vals(bits, group, symmetric=True, axis="channel")
     if kind == "bits+q":
         return spark(recovery="constant").with_quantized_vals(bits, group, symmetric=True)
     if kind == "trits var T":

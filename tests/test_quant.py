@@ -27,9 +27,10 @@ def ref_codes(q: QuantizedTensor) -> torch.Tensor:
     return out
 
 
-def ref_dequantize(q: QuantizedTensor) -> torch.Tensor:
+def ref_dequantize(q: QuantizedTensor, channels: torch.Tensor | None = None) -> torch.Tensor:
     """float64 `[B, H, S, N]` from codes, scale and zero (the format's definition): element n of
-    token s reads the scale of group n // group ("row") or (offset + s) // group ("token")."""
+    token s reads the scale of group n // group ("row"), of token group (offset + s) // group and
+    column n ("token") or column channels[..., s, n] ("channel")."""
     b, h, s, n = q.shape
     codes = ref_codes(q)
     mid = ((1 << q.bits) - 1) / 2
@@ -38,7 +39,8 @@ def ref_dequantize(q: QuantizedTensor) -> torch.Tensor:
         stat = stat.double()
         if q.axis == "row":
             return stat[..., torch.arange(n) // q.group]
-        return stat[:, :, (q.offset + torch.arange(s)) // q.group, :]
+        per_token = stat[:, :, (q.offset + torch.arange(s)) // q.group, :]
+        return per_token if q.axis == "token" else per_token.gather(-1, channels)
 
     scale = per_element(q.scale)
     zero = -mid * scale if q.zero is None else per_element(q.zero)
@@ -151,7 +153,7 @@ def _quantized_chunks(keys, values, queries, kind, bits):
     if kind == "dense":
         return QuantizedTensor.quantize(keys, bits, 16, "token"), QuantizedTensor.quantize(values, bits, 16, "row")
     if kind == "spark":
-        k = compress_keys(keys, queries, cfg).with_trits().with_quantized_vals(bits, 32, symmetric=True)
+        k = compress_keys(keys, queries, cfg).with_trits().with_quantized_vals(bits, 32, symmetric=True, axis="channel")
         return k, QuantizedTensor.quantize(values, bits, 32, "row")
     if kind == "spark+pruned values":
         k = compress_keys(keys, queries, cfg).with_quantized_vals(bits, 16, symmetric=True)
@@ -170,7 +172,62 @@ def _ref_dense(chunk) -> torch.Tensor:
         return out.scatter_(-1, index, ref_dequantize(chunk.vals))
     keep = chunk.keep_mask()
     out = chunk.fill_values(keep, torch.float64).double()
-    return out.masked_scatter_(keep, ref_dequantize(chunk.vals))
+    return out.masked_scatter_(keep, ref_dequantize(chunk.vals, ref_kept_channels(keep)))
+
+
+def ref_kept_channels(keep: torch.Tensor) -> torch.Tensor:
+    """int64 `[B, H, S, T]`: the kept channels of every row of a fixed-T mask, ascending."""
+    return torch.stack([row.nonzero().flatten() for row in keep.reshape(-1, keep.shape[-1])]).reshape(*keep.shape[:3], -1)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("shape", [(1, 1, 9, 8), (2, 3, 70, 64), (2, 2, 37, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_axis_scales_each_kept_value_by_its_channel(seed, bits, shape, dtype):
+    """SparK's kept key values on the "channel" axis: one symmetric scale per channel and token group,
+    set by the largest kept |value| of that channel in the group; every value within half a step."""
+    b, h, s, d = shape
+    keys = (torch.randn(shape) * torch.rand(1, h, 1, d) * 4).to(dtype)
+    packed = compress_keys(keys, torch.randn(b, 2 * h, 8, d), SparKConfig(key_prune_ratio=0.8, window_size=8))
+    group = 16
+    q = packed.with_quantized_vals(bits, group, symmetric=True, axis="channel").vals
+    keep = packed.keep_mask()
+    channels = ref_kept_channels(keep)
+    assert q.axis == "channel" and q.zero is None and q.scale.shape == (b, h, math.ceil(s / group), d)
+    want = ref_dequantize(q, channels)
+    assert torch.allclose(q.dense(torch.float32, channels).double(), want, rtol=1e-6, atol=1e-6)
+    # the scale: 2 max|x| / levels over the channel's kept entries in its token group
+    full = torch.zeros(shape, dtype=torch.float64).masked_scatter_(keep, packed.vals.double())
+    tok_group = (q.offset + torch.arange(s)) // group
+    for gi in range(q.scale.shape[2]):
+        amax = full[:, :, tok_group == gi].abs().amax(2)
+        assert torch.allclose(q.scale[:, :, gi].double(), 2 * amax / ((1 << bits) - 1), rtol=2 ** -6, atol=1e-30)
+    step = q.scale.double()[:, :, tok_group].gather(-1, channels)
+    assert ((want - packed.vals.double()).abs() <= 0.5 * step * (1 + 2 ** -6) + 1e-6).all()
+    assert q.nbytes == b * h * (s * math.ceil(packed.fixed_t * bits / 8) + math.ceil(s / group) * d * 2)
+    # the packed tensor reads its codes with its own channels; slices and batch picks keep them exact
+    dense = packed.with_quantized_vals(bits, group, symmetric=True, axis="channel")
+    assert torch.equal(dense.kept_values(torch.float64), q.dense(torch.float64, channels))
+    for start, stop in [(0, s), (1, s - 1), (s - 1, s)]:
+        assert torch.equal(dense.slice_seq(start, stop).dense(torch.float64), dense.dense(torch.float64)[:, :, start:stop])
+    index = torch.tensor([b - 1, 0])
+    assert torch.equal(dense.index_batch(index).dense(torch.float64), dense.dense(torch.float64)[index])
+    with pytest.raises(ValueError, match="channels"):
+        q.dense()
+    with pytest.raises(ValueError, match="channel"):
+        QuantizedTensor.quantize(packed.vals, bits, group, "channel", symmetric=True)
+
+
+def test_channel_axis_of_a_padded_row_equals_the_row_alone(seed):
+    """Left padding takes no part in the per-channel statistics of the kept values."""
+    cfg = SparKConfig(key_prune_ratio=0.75, window_size=4)
+    alone = torch.randn(1, 2, 45, 16) * 3
+    padded = torch.cat([torch.randn(1, 2, 19, 16) * 100, alone], dim=2)
+    queries = torch.randn(1, 2, 4, 16)
+    valid = (torch.arange(64) >= 19).unsqueeze(0)
+    q_alone = compress_keys(alone, queries, cfg).with_quantized_vals(4, 16, True, axis="channel")
+    q_padded = compress_keys(padded, queries, cfg).with_quantized_vals(4, 16, True, axis="channel", valid=valid)
+    assert torch.equal(q_padded.dense(torch.float32)[:, :, 19:], q_alone.dense(torch.float32))
 
 
 @pytest.mark.parametrize("kind", ["dense", "spark", "spark+pruned values", "think"])

@@ -67,8 +67,10 @@ def test_bytes_are_the_formula(seed):
     k = spark.key_chunks[0]
     t = d - int(0.8 * d)
     assert isinstance(k, PackedTensor) and isinstance(k.vals, QuantizedTensor) and k.vals.zero is None
-    per_row = math.ceil(t * 4 / 8) + 2 * math.ceil(t / g) + math.ceil(d / 5) + 4  # codes, scale, trits, fp32 scale
-    assert k.nbytes == b * h * (s * per_row + d * 4)  # + the per-head chan vector (float32)
+    assert k.vals.axis == "channel"  # one float16 scale per channel and group of g tokens
+    per_row = math.ceil(t * 4 / 8) + math.ceil(d / 5) + 4  # codes, trits, fp32 recovery scale
+    # + the per-channel scales, + the per-head chan vector (float32)
+    assert k.nbytes == b * h * (s * per_row + math.ceil(s / g) * d * 2 + d * 4)
     think = layer(method="think", key_prune_ratio=0.5, key_bits=2)
     k = think.key_chunks[0]
     assert isinstance(k, ColumnPackedTensor) and isinstance(k.vals, QuantizedTensor)

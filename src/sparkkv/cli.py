@@ -318,7 +318,7 @@ def _check_eval(args) -> None:
         raise UsageError(f"{PROG} eval: error: argument --methods: {exc}") from None
     except ValueError as exc:
         raise UsageError(f"{PROG} eval: error: arguments --budgets/--lengths: {exc}") from None
-    _check_baselines(args.configs, "eval")
+    check_baselines(args.configs, "eval")
     _check_out(args.out, "eval")
     if args.json is not None:
         parent = args.json.expanduser().resolve().parent
@@ -326,7 +326,7 @@ def _check_eval(args) -> None:
             raise UsageError(f"{PROG} eval: error: argument --json: cannot write {args.json} ({parent} is not a folder)")
 
 
-def _check_baselines(configs, command: str) -> None:
+def check_baselines(configs, command: str) -> None:
     """A quantized baseline whose package is missing: one line naming the method and the install."""
     from .eval import baselines
 
@@ -356,7 +356,7 @@ def _check_generate(args) -> None:
     if baseline is not None:
         if args.budget is not None:
             raise UsageError(f"{PROG} generate: error: argument --budget: method {args.method!r} evicts no tokens")
-        _check_baselines([baseline], "generate")
+        check_baselines([baseline], "generate")
     eviction, channel = (None, "baseline") if baseline is not None else parse_method(args.method)
     if eviction is None and args.budget is not None:
         raise UsageError(f"{PROG} generate: error: argument --budget: method {args.method!r} evicts no tokens")
@@ -594,10 +594,12 @@ def cmd_bench(args) -> None:
         print(f"\ndecode step of one whole decoder layer (hidden {args.kv_heads * args.groups * args.head_dim}, MLP narrowed), "
               f"{context} tokens, {geometry}, median of {args.steps}\n")
         print(bench.format_table(rows, bench_decode.COLUMNS))
-    if args.prefill_tokens:
-        result["prefill"] = p = bench_decode.prefill_overhead(args.prefill_tokens)
-        print(f"\nprefill, SmolLM2-135M geometry (random weights), {p['tokens']} tokens, {torch.get_num_threads()} threads: "
-              f"DynamicCache {p['dense_s']:.2f} s, {p['config']} {p['spark_s']:.2f} s ({p['ratio']:.3f}x)")
+    if args.prefill_tokens:  # "prefill": the SparK row; "prefill_rows": every row of PREFILL_CONFIGS
+        result["prefill_rows"] = [bench_decode.prefill_overhead(args.prefill_tokens, config=c) for c in bench_decode.PREFILL_CONFIGS]
+        result["prefill"] = result["prefill_rows"][0]
+        for p in result["prefill_rows"]:
+            print(f"\nprefill, SmolLM2-135M geometry (random weights), {p['tokens']} tokens, {torch.get_num_threads()} threads: "
+                  f"DynamicCache {p['dense_s']:.2f} s, {p['config']} {p['spark_s']:.2f} s ({p['ratio']:.3f}x)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

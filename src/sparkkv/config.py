@@ -95,7 +95,8 @@ class SparKConfig:
 
     Quantization (sparkkv/quant.py; stacks with the channel policy, docs/quantization.md):
         key_bits: bits of the stored key values, 16 (not quantized, default), 8, 4 or 2: SparK's
-            kept values (symmetric codes, groups along the row), ThinK's kept columns and dense keys
+            kept values (symmetric codes, one scale per channel and group of `quant_group_size`
+            tokens, each kept value read with its channel's), ThinK's kept columns and dense keys
             (method "none" or an eviction alone: groups of `quant_group_size` tokens per channel).
         value_bits: bits of the stored values (dense or pruned), 16, 8, 4 or 2 (groups of
             `quant_group_size` channels per token).

@@ -7,7 +7,9 @@ A `PackedTensor` stands for a `[B, H, S, D]` tensor (keys, or values) in which e
            Fixed T per row: shape [B, H, S, T]. Variable T (top-p / grouped selection): a flat
            1-D tensor of all kept values, so no row is padded; row boundaries follow from the
            keep mask (row r owns popcount(keep[r]) values). Fixed T only: or their 8/4/2-bit
-           codes, a `quant.QuantizedTensor` [B, H, S, T] with one scale (and zero) per row group.
+           codes, a `quant.QuantizedTensor` [B, H, S, T] with one scale (and zero) per row group
+           (axis "row"), or one scale per channel and group of tokens (axis "channel": a kept
+           value's scale is its channel's, `kept_channels()`; SparK's kept keys).
     keep   uint8 [B, H, S, D/8]: bit (c % 8) of byte (c // 8) is set when channel c is kept.
     sign   uint8 [B, H, S, D/8] or None: bit set when the pruned entry is positive.
     trits  uint8 [B, H, S, ceil(D/5)] or None: keep and sign in one ternary code, 1.6 bits per
@@ -249,12 +251,19 @@ class PackedTensor:
         trits = pack_trits(self.keep_mask(), self.positive_mask())
         return replace(self, keep=None, sign=None, trits=trits)
 
-    def with_quantized_vals(self, bits: int, group: int, symmetric: bool) -> "PackedTensor":
-        """The same tensor with its kept values as `bits`-bit codes, one scale (and zero) per row
-        group of `group` values (`quant.QuantizedTensor`, axis "row"). Fixed T, no explicit fill."""
+    def with_quantized_vals(self, bits: int, group: int, symmetric: bool, axis: str = "row",
+                            valid: torch.Tensor | None = None) -> "PackedTensor":
+        """The same tensor with its kept values as `bits`-bit codes (`quant.QuantizedTensor`): one
+        scale (and zero) per row group of `group` values (axis "row"), or one scale per channel
+        and group of `group` tokens (axis "channel", symmetric; `valid` as for
+        `QuantizedTensor.quantize`). Fixed T, no explicit fill."""
         if self.fixed_t is None or self.fill is not None or not isinstance(self.vals, torch.Tensor):
             raise ValueError("kept values are quantized for fixed-T packed tensors without explicit fill values")
-        return replace(self, vals=QuantizedTensor.quantize(self.vals, bits, group, "row", symmetric))
+        if axis == "channel":
+            q = QuantizedTensor.quantize(self.vals, bits, group, axis, symmetric, valid, self.kept_channels(), self.shape[-1])
+        else:
+            q = QuantizedTensor.quantize(self.vals, bits, group, axis, symmetric)
+        return replace(self, vals=q)
 
     # --- reading ---------------------------------------------------------------------------
     @property
@@ -298,10 +307,16 @@ class PackedTensor:
             return self.keep_mask().sum(-1)
         return popcount_rows(self.keep)
 
+    def kept_channels(self) -> torch.Tensor:
+        """int64 `[B, H, S, T]` (fixed T): the channel of every kept value, ascending within a row."""
+        keep = self.keep_mask()  # nonzero lists a row's kept channels in ascending order
+        return keep.reshape(-1, self.shape[-1]).nonzero()[:, 1].reshape(*self.shape[:3], self.fixed_t)
+
     def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The kept values (`[B, H, S, T]`, or flat for variable T), dequantized if they are codes."""
         if isinstance(self.vals, QuantizedTensor):
-            return self.vals.dense(dtype or self.dtype)
+            channels = self.kept_channels() if self.vals.axis == "channel" else None
+            return self.vals.dense(dtype or self.dtype, channels)
         return self.vals if dtype is None else self.vals.to(dtype)
 
     def fill_values(self, keep: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:

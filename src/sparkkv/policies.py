@@ -72,10 +72,11 @@ class SparKKeys(DenseKeys):
         packed = _compress_keys(keys, self.qn, config, torch.Generator().manual_seed(seed))
         if like is not None and packed.chan is not None and torch.equal(like.chan, packed.chan):
             packed.chan = like.chan  # one per-head vector for all chunks, not one per block
-        if config.mask_format == "trits":
+        if config.key_bits < 16:  # salient values: symmetric codes (no level at 0), scaled per channel
+            packed = packed.with_quantized_vals(config.key_bits, config.quant_group_size, symmetric=True,
+                                                axis="channel", valid=token_mask)
+        if config.mask_format == "trits":  # after quantizing: its channels are read off the cheaper bit mask
             packed = packed.with_trits()
-        if config.key_bits < 16:  # the kept values are the salient ones: symmetric codes, no level at 0
-            packed = packed.with_quantized_vals(config.key_bits, config.quant_group_size, symmetric=True)
         return packed
 
 

@@ -15,6 +15,14 @@ a packed chunk: SparK's kept key values, pruned values, ThinK's kept columns). I
                       (KIVI's per-channel key quantization); token s is in group `(offset + s) // group`,
                       `offset` < group being where the tensor starts inside its first group, so a
                       slice along the sequence keeps its groups exactly.
+             "channel" `group` consecutive tokens of one *channel* of the owner's `width`-channel rows:
+                      scale [B, H, ceil((offset + S) / group), width], token groups as for "token".
+                      Element n of token s belongs to channel `channels[b, h, s, n]`, which the owner
+                      knows and passes in (SparK's kept key values: `packed.PackedTensor` reads each
+                      kept value's channel off its mask, ascending within a row). So a kept value is
+                      scaled by its channel's range over the group, not by its row's: a token's kept
+                      channels differ in size, and one scale per row left the small ones few levels.
+                      Symmetric codes only.
 
 A code `c` in [0, 2^bits - 1] is dequantized as `c * scale + zero`; without a stored zero the codes
 are symmetric "mid-rise" levels `(c - (2^bits - 1) / 2) * scale` (no level at 0: SparK's kept key
@@ -32,7 +40,7 @@ import torch
 from .tensors import compact, storage_nbytes
 
 BITS = (8, 4, 2)
-AXES = ("row", "token")
+AXES = ("row", "token", "channel")
 
 
 def quant_scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,12 +118,15 @@ def _masked(g: torch.Tensor, reduce, abs_: bool = False) -> torch.Tensor:
     return torch.where(hidden.all(-1), torch.zeros_like(out), out)
 
 
-def _expand(stat: torch.Tensor, axis: str, shape, group: int, offset: int = 0) -> torch.Tensor:
-    """A per-group statistic broadcast to every element of `shape [B, H, S, N]`."""
+def _expand(stat: torch.Tensor, axis: str, shape, group: int, offset: int = 0,
+            channels: torch.Tensor | None = None) -> torch.Tensor:
+    """A per-group statistic broadcast to every element of `shape [B, H, S, N]` (axis "channel":
+    picked by each element's channel, `channels [B, H, S, N]`)."""
     b, h, s, n = shape
     if axis == "row":
         return stat.repeat_interleave(group, dim=-1)[..., :n]
-    return stat.repeat_interleave(group, dim=2)[:, :, offset : offset + s]
+    per_token = stat.repeat_interleave(group, dim=2)[:, :, offset : offset + s]
+    return per_token if axis == "token" else per_token.gather(-1, channels)
 
 
 @dataclass
@@ -130,7 +141,8 @@ class QuantizedTensor:
     bits: int
     group: int
     axis: str = "row"
-    offset: int = 0  # axis "token": the first token's place in its group
+    offset: int = 0  # axes "token" and "channel": the first token's place in its group
+    width: int = 0  # axis "channel": channels per row of the owner (the scales' last dim)
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(x) for x in self.shape)
@@ -138,25 +150,38 @@ class QuantizedTensor:
 
     @classmethod
     def quantize(cls, x: torch.Tensor, bits: int, group: int, axis: str = "row", symmetric: bool = False,
-                 valid: torch.Tensor | None = None) -> "QuantizedTensor":
+                 valid: torch.Tensor | None = None, channels: torch.Tensor | None = None,
+                 width: int = 0) -> "QuantizedTensor":
         """Round `x [B, H, S, N]` to `bits`-bit codes, one scale (and zero, unless `symmetric`) per
         group of `group` elements along `axis`. Statistics are computed in float32.
 
-        Axis "token": groups end at the last token (the first group is the partial one), and
-        `valid` (bool `[B, S]` or `[B, H, S]`, True = a real token) keeps padding and filler slots
-        out of the statistics, so every row of a left-padded batch is quantized as it would be
-        alone (its real tokens fall into the same groups)."""
+        Axes "token" and "channel": groups end at the last token (the first group is the partial
+        one), and `valid` (bool `[B, S]` or `[B, H, S]`, True = a real token) keeps padding and
+        filler slots out of the statistics, so every row of a left-padded batch is quantized as it
+        would be alone (its real tokens fall into the same groups). Axis "channel" needs
+        `channels` (int64 `[B, H, S, N]`, each element's channel in `[0, width)`) and `symmetric`."""
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
         if axis not in AXES:
             raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+        if axis == "channel" and (channels is None or channels.shape != x.shape or width < 1 or not symmetric):
+            raise ValueError("axis 'channel' needs symmetric codes, `channels` shaped like x and `width` >= 1")
         levels = (1 << bits) - 1
         sdtype = quant_scale_dtype(x.dtype)
         big, eps = torch.finfo(sdtype).max, torch.finfo(sdtype).eps  # statistics beyond the range saturate
-        offset = (-x.shape[2]) % group if axis == "token" else 0
+        offset = (-x.shape[2]) % group if axis != "row" else 0
         xf = x.float()
-        if axis == "token" and valid is not None:
+        if axis != "row" and valid is not None:
             xf = _hide_invalid(xf, valid)
+        if axis == "channel":  # each value at its channel; channels a row does not keep are hidden
+            b, h, s, _ = x.shape
+            full = torch.full((b, h, s, width), _HIDDEN, dtype=torch.float32, device=x.device)
+            scale = _masked(_group_view(full.scatter_(-1, channels, xf), "token", group, offset), torch.amax, abs_=True)
+            scale = (2 * scale / levels * (1 + eps)).clamp(max=big).to(sdtype)
+            s = _expand(scale.float(), axis, x.shape, group, offset, channels)
+            codes = torch.round(xf / torch.where(s > 0, s, 1.0) + levels / 2)
+            codes = codes.nan_to_num(nan=0.0, posinf=levels, neginf=0.0).clamp_(0, levels)
+            return cls(tuple(x.shape), x.dtype, pack_codes(codes, bits), scale, None, bits, group, axis, offset, width)
         g = _group_view(xf, axis, group, offset)
         # The stored zero is rounded down and the scale up (by one unit of the scale dtype's precision),
         # so every element's code lies in [0, 2^bits - 1] and its error stays within half a step.
@@ -193,11 +218,13 @@ class QuantizedTensor:
         """uint8 `[B, H, S, N]`: the codes, one per element."""
         return unpack_codes(self.codes, self.bits, self.shape[-1])
 
-    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dense(self, dtype: torch.dtype | None = None, channels: torch.Tensor | None = None) -> torch.Tensor:
         """The dequantized `[B, H, S, N]` tensor, computed in float32 and returned in `dtype`
-        (default: the stored model dtype)."""
+        (default: the stored model dtype). Axis "channel": `channels` as given to `quantize`."""
+        if self.axis == "channel" and channels is None:
+            raise ValueError("codes with per-channel scales are read with their elements' channels (axis 'channel')")
         c = self.int_codes().float()
-        scale = _expand(self.scale.float(), self.axis, self.shape, self.group, self.offset)
+        scale = _expand(self.scale.float(), self.axis, self.shape, self.group, self.offset, channels)
         if self.zero is None:
             out = (c - ((1 << self.bits) - 1) / 2) * scale
         else:

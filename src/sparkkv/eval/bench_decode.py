@@ -15,7 +15,7 @@ row, so load from other processes hits all rows alike.
 
 Prefill overhead: SmolLM2-135M's architecture (random weights), a prompt prefilled with a
 DynamicCache and with a SparKCache, interleaved, medians: the cost of saliency, selection and
-packing.
+packing (`PREFILL_CONFIGS`: SparK k0.8, and the same stacked on 4-bit kept keys and values).
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ CONFIGS = [
     SparKConfig(method="none"),  # no channel policy: dense storage read by the fused kernel
     SparKConfig(method="none", key_bits=4, value_bits=4),
     SparKConfig(method="none", key_bits=2, value_bits=2),
+]
+
+# the prefill-overhead rows: SparK, and SparK stacked on quantized storage (issue 18's prefill target)
+PREFILL_CONFIGS = [
+    SparKConfig(key_prune_ratio=0.8),
+    SparKConfig(key_prune_ratio=0.8, mask_format="trits", key_bits=4, value_bits=4),
 ]
 
 

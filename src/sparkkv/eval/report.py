@@ -186,11 +186,19 @@ def _format_score(task: str, score: float) -> str:
 
 
 def describe(records: list[dict]) -> str:
-    """One line: model, n per cell, lengths, what the scores are."""
+    """One line: model, n per cell (per column where the columns differ), what the scores are."""
     models = sorted({r["model"] for r in records})
     ns = sorted({r["n"] for r in records})
+    if len(ns) > 1:
+        per_column = {}
+        for r in records:
+            per_column.setdefault(_column(r), set()).add(r["n"])
+        n_text = "n per cell: " + ", ".join(f"{c.replace('perplexity', 'ppl')} {'/'.join(map(str, sorted(v)))}"
+                                           for c, v in per_column.items())
+    else:
+        n_text = f"n = {ns[0]} per cell" if ns else "no cells"
     return (
-        f"model {', '.join(models)}; n = {', '.join(map(str, ns))} per cell; scores: task metric in [0, 1] "
+        f"model {', '.join(models)}; {n_text}; scores: task metric in [0, 1] "
         "(RULER string match, LongBench's metric), perplexity for `perplexity`; KV bytes/token after the prompt, all layers, K+V"
     )
 

@@ -77,13 +77,13 @@ def default_splits(batch_heads: int, seq_len: int, threads: int | None = None) -
 def _fields(x) -> tuple[list[torch.Tensor], list[int]]:
     """An operand as the extension takes it (`operands.Fields`): tensors vals, keep, sign, scale,
     chan, trits, codes, qscale, qzero (empty ones for absent fields) and ints bits, group,
-    token_axis, offset, codes per row."""
+    axis (0 row, 1 token, 2 channel), offset, codes per row."""
     f = operands.fields(x)
     empty, empty8 = torch.empty(0), torch.empty(0, dtype=torch.uint8)
     pick = lambda t, e: e if t is None else t.contiguous()  # noqa: E731
     tensors = [pick(f.vals, empty), pick(f.keep, empty8), pick(f.sign, empty8), pick(f.scale, empty), pick(f.chan, empty),
                pick(f.trits, empty8), pick(f.codes, empty8), pick(f.qscale, empty), pick(f.qzero, empty)]
-    return tensors, [f.bits, f.group, int(f.token_axis), f.offset, f.fixed_t if f.quantized else 0]
+    return tensors, [f.bits, f.group, f.axis_code, f.offset, f.fixed_t if f.quantized else 0]
 
 
 def _query(query_rows: torch.Tensor) -> torch.Tensor:

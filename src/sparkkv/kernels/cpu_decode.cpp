@@ -171,12 +171,14 @@ inline int64_t trit_kept(const uint8_t* row, int64_t D) {
 }
 
 // Quantized values (quant.py): see the layouts above. `N` codes per row, `row_bytes` bytes per row;
-// `groups`: statistics per row (row axis) or token groups per (b, h) (token axis).
+// `groups`: statistics per row (row axis) or token groups per (b, h) (token and channel axes);
+// `width`: statistics per token group (N, or D for the channel axis, where a packed row's kept
+// value takes the statistics of its channel).
 struct Quant {
   const uint8_t* codes = nullptr;
   int bits = 0;
-  int64_t N = 0, row_bytes = 0, group = 1, groups = 0, offset = 0;
-  bool token_axis = false;
+  int64_t N = 0, row_bytes = 0, group = 1, groups = 0, offset = 0, width = 0;
+  bool token_axis = false, channel = false;
   const void* scale = nullptr;
   const void* zero = nullptr;  // nullptr: symmetric mid-rise codes
   int sdtype = kF16;
@@ -188,12 +190,13 @@ struct Quant {
     const int64_t bit = n * bits;
     return (r[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
   }
-  // index of the statistics of element n of row `row` (rows of S tokens per (b, h))
-  int64_t stat_index(int64_t row, int64_t S, int64_t n) const {
-    return token_axis ? ((row / S) * groups + (offset + row % S) / group) * N + n : row * groups + n / group;
+  // index of the statistics of element n of row `row` (rows of S tokens per (b, h)); `col`: the
+  // element's statistics column on the token axes (n, or its channel)
+  int64_t stat_index(int64_t row, int64_t S, int64_t n, int64_t col) const {
+    return token_axis ? ((row / S) * groups + (offset + row % S) / group) * width + col : row * groups + n / group;
   }
-  float dequant(int64_t row, int64_t S, int64_t n) const {
-    const int64_t i = stat_index(row, S, n);
+  float dequant(int64_t row, int64_t S, int64_t n, int64_t col) const {
+    const int64_t i = stat_index(row, S, n, col);
     const float s = load_elem(scale, sdtype, i), c = float(code(row, n));
     return zero ? c * s + load_elem(zero, sdtype, i) : (c - mid()) * s;
   }
@@ -228,9 +231,9 @@ struct Operand {
     if (T >= 0) return T;
     return keep ? popcount_bytes(keep + row * d8(), d8()) : trit_kept(trits + row * tb(), D);
   }
-  // the j-th stored value of row `row`, whose first raw value is element `off` of vals
-  float stored(int64_t row, int64_t off, int64_t j) const {
-    return quantized() ? q.dequant(row, S, j) : load_elem(vals, dtype, off + j);
+  // the j-th stored value of row `row` (in channel c), whose first raw value is element `off` of vals
+  float stored(int64_t row, int64_t off, int64_t j, int64_t c) const {
+    return quantized() ? q.dequant(row, S, j, q.channel ? c : j) : load_elem(vals, dtype, off + j);
   }
 };
 
@@ -295,7 +298,7 @@ inline std::vector<int64_t> item_offsets(const Operand& op, int64_t BH, int64_t 
 inline void rebuild_row(const Operand& op, int64_t bh, int64_t row, int64_t off, float* out) {
   const int64_t D = op.D;
   if (!op.packed()) {
-    for (int64_t c = 0; c < D; ++c) out[c] = op.stored(row, off, c);
+    for (int64_t c = 0; c < D; ++c) out[c] = op.stored(row, off, c, c);
     return;
   }
   const uint8_t* kb = op.keep ? op.keep + row * op.d8() : nullptr;
@@ -316,7 +319,7 @@ inline void rebuild_row(const Operand& op, int64_t bh, int64_t row, int64_t off,
       positive = !sb || ((sb[c >> 3] >> (c & 7)) & 1);
     }
     if (kept) {
-      out[c] = op.stored(row, off, j++);
+      out[c] = op.stored(row, off, j++, c);
     } else if (fill) {
       float f = s * (ch ? ch[c] : 1.f);
       out[c] = positive ? f : -f;
@@ -1225,17 +1228,23 @@ inline void quant_row(const Operand& op, int64_t row, TokenStats& ts, float* out
   const int64_t N = q.N;
   const float mid = q.mid();
   if (q.token_axis) {
-    const int64_t id = (row / op.S) * q.groups + (q.offset + row % op.S) / q.group;
+    const int64_t id = (row / op.S) * q.groups + (q.offset + row % op.S) / q.group, W = q.width;
     if (id != ts.id) {
       ts.id = id;
-      ts.s.resize(round8(N));
-      ts.z.resize(round8(N));
-      for (int64_t n = 0; n < N; ++n) {
-        ts.s[n] = load_elem(q.scale, q.sdtype, id * N + n);
-        ts.z[n] = ZERO ? load_elem(q.zero, q.sdtype, id * N + n) : mid;
+      ts.s.assign(round8(W), 0.f);
+      ts.z.assign(round8(W), mid);
+      for (int64_t n = 0; n < W; ++n) {
+        ts.s[n] = load_elem(q.scale, q.sdtype, id * W + n);
+        ts.z[n] = ZERO ? load_elem(q.zero, q.sdtype, id * W + n) : mid;
       }
     }
     int64_t n = 0;
+    if (q.channel) {  // (c - mid) only: Rows::decode scales each kept value by its channel's ts.s
+      const __m256 one = _mm256_set1_ps(1.f), mv = _mm256_set1_ps(mid);
+      for (; n + 8 <= N; n += 8) _mm256_storeu_ps(out + n, dequant8<false>(codes8<BITS>(r, n), one, mv));
+      for (; n < N; ++n) out[n] = float(q.code(row, n)) - mid;
+      return;
+    }
     for (; n + 8 <= N; n += 8)
       _mm256_storeu_ps(out + n, dequant8<ZERO>(codes8<BITS>(r, n), _mm256_loadu_ps(&ts.s[n]), _mm256_loadu_ps(&ts.z[n])));
     for (; n < N; ++n) out[n] = dequant1<ZERO>(float(q.code(row, n)), ts.s[n], ts.z[n]);
@@ -1324,11 +1333,13 @@ struct Rows {
     const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256 sv = _mm256_set1_ps(o.scale_at(row)), negz = _mm256_set1_ps(-0.f);
     const float* chp = chan.empty() ? nullptr : chan.data();
+    const float* qs = o.quantized() && o.q.channel ? ts.s.data() : nullptr;  // per-channel scales of the row's group
     int64_t p = 0;
     for (int64_t c = 0; c < o.D; c += 8) {
       const unsigned b = k[c >> 3];
-      const __m256 x =
+      __m256 x =
           _mm256_permutevar8x32_ps(_mm256_loadu_ps(kv.data() + p), _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.perm[b])));
+      if (qs) x = _mm256_mul_ps(x, _mm256_loadu_ps(qs + c));
       __m256 f = _mm256_setzero_ps();
       if (fill) {
         f = chp ? _mm256_mul_ps(sv, _mm256_loadu_ps(chp + c)) : sv;
@@ -1657,7 +1668,7 @@ int dtype_code(const at::Tensor& t, const char* name) {
 
 // An operand from its fields (kernels/operands.py: Fields), in this order:
 //   tensors: vals, keep, sign, scale, chan, trits, codes, qscale, qzero (empty when absent)
-//   ints:    bits, group, token_axis, offset, N (codes per row)
+//   ints:    bits, group, axis (0 row, 1 token, 2 channel), offset, N (codes per row)
 // Dense when keep and trits are empty, else packed; quantized when codes are given (then vals is
 // empty). Shapes checked against [B, H, S, D].
 enum { kVals, kKeep, kSign, kScale, kChan, kTrits, kCodes, kQScale, kQZero, kFields };
@@ -1691,13 +1702,17 @@ Operand make_operand(const char* name, const std::vector<at::Tensor>& f, const s
     q.row_bytes = (N * bits + 7) / 8;
     q.group = group;
     q.token_axis = ints[2] != 0;
+    q.channel = ints[2] == 2;
+    q.width = q.channel ? D : N;
+    TORCH_CHECK(ints[2] >= 0 && ints[2] <= 2, name, ": axis ", ints[2], " (0 row, 1 token, 2 channel)");
+    TORCH_CHECK(!q.channel || (packed && !qzero.numel()), name, ": per-channel scales are read for packed rows with symmetric codes");
     q.offset = ints[3];
     TORCH_CHECK(qscale.dim() == 4 && qscale.size(0) == B && qscale.size(1) == H, name, " scales must be [", B, ", ", H,
                 ", ...], got ", qscale.sizes());
     if (q.token_axis) {
       q.groups = qscale.size(2);
-      TORCH_CHECK(q.offset >= 0 && q.offset < group && qscale.size(3) == N && q.groups * group >= q.offset + S, name,
-                  " token-axis scales must be [", B, ", ", H, ", >= ceil((offset + S) / group), ", N, "], got ",
+      TORCH_CHECK(q.offset >= 0 && q.offset < group && qscale.size(3) == q.width && q.groups * group >= q.offset + S, name,
+                  " token-axis scales must be [", B, ", ", H, ", >= ceil((offset + S) / group), ", q.width, "], got ",
                   qscale.sizes(), " for offset ", q.offset, ", S ", S, ", group ", group);
     } else {
       q.groups = (N + group - 1) / group;

@@ -16,7 +16,8 @@ along the row or along tokens). This module is the only place that maps one onto
 
 `Fields` says, per operand: where its values come from (`vals`: raw values in the model dtype,
 or `codes` + `qscale` / `qzero`: `bits`-bit codes dequantized as `c * s + z`, or `(c - mid) * s`
-without a zero, one scale per `group` elements of a row or per `group` tokens of a channel), and,
+without a zero, one scale per `group` elements of a row, per `group` tokens of an element, or per
+`group` tokens of a channel, a packed row's j-th kept value taking its channel's scale), and,
 for packed operands, how the row's mask is stored (`keep` + `sign` bits, or `trits`) and the
 recovery fields (`scale`, `chan`). A kernel reads these fields and nothing else.
 """
@@ -75,12 +76,19 @@ class Fields:
     chan: torch.Tensor | None = None  # float32 [B, H, D]
     fill: torch.Tensor | None = None  # explicit fill values (no kernel reads them)
     codes: torch.Tensor | None = None  # uint8 [B, H, S, ceil(N * bits / 8)], N = fixed_t
-    qscale: torch.Tensor | None = None  # row axis [B, H, S, ceil(N / group)], token axis [B, H, G, N]
+    # row axis [B, H, S, ceil(N / group)], token axis [B, H, G, N], channel axis [B, H, G, D]
+    qscale: torch.Tensor | None = None
     qzero: torch.Tensor | None = None  # like qscale, or None (symmetric mid-rise codes)
     bits: int = 0
     group: int = 0
-    token_axis: bool = False
-    offset: int = 0  # token axis: the first token's place in its group
+    token_axis: bool = False  # groups along tokens (axes "token" and "channel")
+    channel_axis: bool = False  # statistics indexed by the value's channel (packed rows; no zero)
+    offset: int = 0  # token groups: the first token's place in its group
+
+    @property
+    def axis_code(self) -> int:
+        """0 row, 1 token, 2 channel: the kernels' integer for the axis."""
+        return 2 if self.channel_axis else int(self.token_axis)
 
     @property
     def packed(self) -> bool:
@@ -98,7 +106,7 @@ class Fields:
 
 def _codes(q: QuantizedTensor) -> dict:
     return dict(codes=q.codes, qscale=q.scale, qzero=q.zero, bits=q.bits, group=q.group,
-                token_axis=q.axis == "token", offset=q.offset)
+                token_axis=q.axis != "row", channel_axis=q.axis == "channel", offset=q.offset)
 
 
 def fields(x) -> Fields | None:
@@ -133,6 +141,8 @@ def operand_problem(name: str, x, device_ok: Callable[[torch.device], bool], whe
             return f"{name} are {f.bits}-bit codes; the kernel reads {', '.join(map(str, BITS))}-bit codes"
         if f.fixed_t is None or f.group < 1:
             return f"quantized {name} need a fixed number of values per row and a group size >= 1"
+        if f.channel_axis and (not f.packed or f.qzero is not None):
+            return f"quantized {name} with per-channel scales must be packed rows with symmetric codes"
         if f.qscale.dtype not in SCALE_DTYPES or (f.qzero is not None and f.qzero.dtype != f.qscale.dtype):
             return f"quantized {name} have scales of {f.qscale.dtype}; the kernel reads float32, bfloat16 and float16"
     if not device_ok(f.device):

@@ -45,12 +45,14 @@ __all__ = ["can_serve", "decode_partials", "merge_partials"]
 if triton is not None:
 
     @triton.jit
-    def _stored(vals_ptr, start, codes_ptr, qs_ptr, qz_ptr, q_group, q_offset, q_groups, bh, toks, row, j, mask,
-                N: tl.constexpr, QBITS: tl.constexpr, QTOKEN: tl.constexpr, QZERO: tl.constexpr, QMID: tl.constexpr):
+    def _stored(vals_ptr, start, codes_ptr, qs_ptr, qz_ptr, q_group, q_offset, q_groups, bh, toks, row, j, sj, mask,
+                N: tl.constexpr, SW: tl.constexpr, QBITS: tl.constexpr, QTOKEN: tl.constexpr, QZERO: tl.constexpr,
+                QMID: tl.constexpr):
         """float32 `[BLOCK_N, *]`: the `j`-th stored value of every row (0 where `mask` is False):
         raw values from `vals_ptr + start`, or `QBITS`-bit codes of rows of `N` codes dequantized
         with their group's scale (and zero): groups of `q_group` elements of a row, or (`QTOKEN`) of
-        `q_group` tokens of an element, token t in group `(q_offset + t) // q_group`."""
+        `q_group` tokens of statistic column `sj` of `SW` (the element, or for per-channel scales its
+        channel), token t in group `(q_offset + t) // q_group`."""
         if QBITS == 0:
             tile = tl.load(vals_ptr + start[:, None] + j, mask=mask, other=0.0).to(tl.float32)
         else:
@@ -59,7 +61,7 @@ if triton is not None:
             code = ((byte.to(tl.int32) >> (bit % 8)) & ((1 << QBITS) - 1)).to(tl.float32)
             if QTOKEN:
                 group = (q_offset + toks) // q_group
-                stat = (bh * q_groups + group)[:, None].to(tl.int64) * N + j
+                stat = (bh * q_groups + group)[:, None].to(tl.int64) * SW + sj
             else:
                 stat = row[:, None].to(tl.int64) * q_groups + j // q_group
             scale = tl.load(qs_ptr + stat, mask=mask, other=0.0).to(tl.float32)
@@ -75,7 +77,7 @@ if triton is not None:
               q_group, q_offset, q_groups, bh, toks, row, valid, chans,
               D: tl.constexpr, T: tl.constexpr, PACKED: tl.constexpr, TRITS: tl.constexpr,
               SIGN: tl.constexpr, SCALE: tl.constexpr, CHAN: tl.constexpr,
-              QBITS: tl.constexpr, QTOKEN: tl.constexpr, QZERO: tl.constexpr, QMID: tl.constexpr):
+              QBITS: tl.constexpr, QTOKEN: tl.constexpr, QZERO: tl.constexpr, QMID: tl.constexpr, QCHAN: tl.constexpr):
         """float32 `[BLOCK_N, D_PAD]` tile of rows `row` (dense, or packed rebuilt; raw or
         dequantized values); padded channels (>= D) and invalid rows are 0."""
         cmask = chans < D
@@ -96,8 +98,12 @@ if triton is not None:
                 start = row.to(tl.int64) * T
             else:
                 start = tl.load(off_ptr + row, mask=valid, other=0)
-            tile = _stored(vals_ptr, start, codes_ptr, qs_ptr, qz_ptr, q_group, q_offset, q_groups, bh, toks, row,
-                           rank, kept, T, QBITS, QTOKEN, QZERO, QMID)
+            if QCHAN:  # a kept value's statistics are its channel's
+                tile = _stored(vals_ptr, start, codes_ptr, qs_ptr, qz_ptr, q_group, q_offset, q_groups, bh, toks, row,
+                               rank, chans[None, :], kept, T, D, QBITS, QTOKEN, QZERO, QMID)
+            else:
+                tile = _stored(vals_ptr, start, codes_ptr, qs_ptr, qz_ptr, q_group, q_offset, q_groups, bh, toks, row,
+                               rank, rank, kept, T, T, QBITS, QTOKEN, QZERO, QMID)
             if SIGN or SCALE or CHAN:
                 fill = tl.full(tile.shape, 1.0, tl.float32)
                 if SIGN:
@@ -113,7 +119,8 @@ if triton is not None:
                 tile = tl.where(kept, tile, tl.where(cmask[None, :], fill, 0.0))
         else:
             tile = _stored(vals_ptr, row.to(tl.int64) * D, codes_ptr, qs_ptr, qz_ptr, q_group, q_offset, q_groups, bh,
-                           toks, row, chans[None, :], valid[:, None] & cmask[None, :], D, QBITS, QTOKEN, QZERO, QMID)
+                           toks, row, chans[None, :], chans[None, :], valid[:, None] & cmask[None, :], D, D, QBITS, QTOKEN,
+                           QZERO, QMID)
         return tile
 
     @triton.jit
@@ -127,8 +134,10 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         K_PACKED: tl.constexpr, K_T: tl.constexpr, K_TRITS: tl.constexpr, K_SIGN: tl.constexpr, K_SCALE: tl.constexpr,
         K_CHAN: tl.constexpr, K_QBITS: tl.constexpr, K_QTOKEN: tl.constexpr, K_QZERO: tl.constexpr, K_QMID: tl.constexpr,
+        K_QCHAN: tl.constexpr,
         V_PACKED: tl.constexpr, V_T: tl.constexpr, V_TRITS: tl.constexpr, V_SIGN: tl.constexpr, V_SCALE: tl.constexpr,
         V_CHAN: tl.constexpr, V_QBITS: tl.constexpr, V_QTOKEN: tl.constexpr, V_QZERO: tl.constexpr, V_QMID: tl.constexpr,
+        V_QCHAN: tl.constexpr,
         HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     ):
         bh = tl.program_id(0)
@@ -152,7 +161,7 @@ if triton is not None:
             row = bh * S + toks
             k_tile = _tile(k_vals, k_keep, k_sign, k_scale, k_chan, k_off, k_codes, k_qs, k_qz, k_qgroup, k_qoffset,
                            k_qgroups, bh, toks, row, valid, chans, D, K_T, K_PACKED, K_TRITS, K_SIGN, K_SCALE, K_CHAN,
-                           K_QBITS, K_QTOKEN, K_QZERO, K_QMID)
+                           K_QBITS, K_QTOKEN, K_QZERO, K_QMID, K_QCHAN)
             logits = tl.dot(q, tl.trans(k_tile.to(DOT_DTYPE))) * sm_scale  # [BLOCK_M, BLOCK_N]
             if HAS_BIAS:
                 logits = logits + tl.load(bias_row + toks, mask=valid, other=0.0)[None, :]
@@ -163,7 +172,7 @@ if triton is not None:
             alpha = tl.exp(m_i - m_safe)
             v_tile = _tile(v_vals, v_keep, v_sign, v_scale, v_chan, v_off, v_codes, v_qs, v_qz, v_qgroup, v_qoffset,
                            v_qgroups, bh, toks, row, valid, dvs, DV, V_T, V_PACKED, V_TRITS, V_SIGN, V_SCALE, V_CHAN,
-                           V_QBITS, V_QTOKEN, V_QZERO, V_QMID)
+                           V_QBITS, V_QTOKEN, V_QZERO, V_QMID, V_QCHAN)
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v_tile.to(DOT_DTYPE))
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
@@ -192,7 +201,7 @@ def can_serve(keys, values) -> str | None:
 def _operand(x, dummy_f, dummy_i):
     """Kernel arguments and constexprs of one operand (`operands.fields`): fields, row offsets,
     codes and their statistics, group sizes; (PACKED, T, TRITS, SIGN, SCALE, CHAN, QBITS, QTOKEN,
-    QZERO, QMID)."""
+    QZERO, QMID, QCHAN)."""
     f = operands.fields(x)
     t = f.fixed_t if f.fixed_t is not None else -1
     off = dummy_i
@@ -207,12 +216,12 @@ def _operand(x, dummy_f, dummy_i):
     if f.quantized and not f.token_axis:
         args[-1] = f.qscale.shape[3]  # groups per row
     meta = (f.packed, t, f.trits is not None, f.signs, f.scale is not None, f.chan is not None, f.bits, f.token_axis,
-            f.qzero is not None, ((1 << f.bits) - 1) / 2)
+            f.qzero is not None, ((1 << f.bits) - 1) / 2, f.channel_axis)
     return args, meta
 
 
 def _meta(prefix: str, meta) -> dict:
-    names = ("PACKED", "T", "TRITS", "SIGN", "SCALE", "CHAN", "QBITS", "QTOKEN", "QZERO", "QMID")
+    names = ("PACKED", "T", "TRITS", "SIGN", "SCALE", "CHAN", "QBITS", "QTOKEN", "QZERO", "QMID", "QCHAN")
     return {f"{prefix}_{name}": value for name, value in zip(names, meta)}
 
 
@@ -284,7 +293,7 @@ def _quantized_pairs(keys, values, window):
     from ..quant import QuantizedTensor
 
     k80 = compress_keys(keys, window, SparKConfig(key_prune_ratio=0.8)).with_trits()
-    out = [("K0.8 trits kq4 + vq4", k80.with_quantized_vals(4, 64, symmetric=True),
+    out = [("K0.8 trits kq4 + vq4", k80.with_quantized_vals(4, 64, symmetric=True, axis="channel"),
             QuantizedTensor.quantize(values, 4, 64, "row"))]
     for bits in (4, 2):
         out.append((f"plain kq{bits} + vq{bits}", QuantizedTensor.quantize(keys, bits, 64, "token"),
