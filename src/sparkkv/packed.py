@@ -259,11 +259,9 @@ class PackedTensor:
         `QuantizedTensor.quantize`). Fixed T, no explicit fill."""
         if self.fixed_t is None or self.fill is not None or not isinstance(self.vals, torch.Tensor):
             raise ValueError("kept values are quantized for fixed-T packed tensors without explicit fill values")
-        if axis == "channel":
-            q = QuantizedTensor.quantize(self.vals, bits, group, axis, symmetric, valid, self.kept_channels(), self.shape[-1])
-        else:
-            q = QuantizedTensor.quantize(self.vals, bits, group, axis, symmetric)
-        return replace(self, vals=q)
+        channels = self.kept_channels() if axis == "channel" else None
+        width = self.shape[-1] if axis == "channel" else 0
+        return replace(self, vals=QuantizedTensor.quantize(self.vals, bits, group, axis, symmetric, valid, channels, width))
 
     # --- reading ---------------------------------------------------------------------------
     @property
@@ -307,15 +305,17 @@ class PackedTensor:
             return self.keep_mask().sum(-1)
         return popcount_rows(self.keep)
 
-    def kept_channels(self) -> torch.Tensor:
-        """int64 `[B, H, S, T]` (fixed T): the channel of every kept value, ascending within a row."""
-        keep = self.keep_mask()  # nonzero lists a row's kept channels in ascending order
+    def kept_channels(self, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 `[B, H, S, T]` (fixed T): the channel of every kept value, ascending within a row
+        (`keep`: the keep mask, when the caller has it)."""
+        keep = self.keep_mask() if keep is None else keep  # nonzero lists a row's kept channels in order
         return keep.reshape(-1, self.shape[-1]).nonzero()[:, 1].reshape(*self.shape[:3], self.fixed_t)
 
-    def kept_values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The kept values (`[B, H, S, T]`, or flat for variable T), dequantized if they are codes."""
+    def kept_values(self, dtype: torch.dtype | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The kept values (`[B, H, S, T]`, or flat for variable T), dequantized if they are codes
+        (`keep`: the keep mask, when the caller has it)."""
         if isinstance(self.vals, QuantizedTensor):
-            channels = self.kept_channels() if self.vals.axis == "channel" else None
+            channels = self.kept_channels(keep) if self.vals.axis == "channel" else None
             return self.vals.dense(dtype or self.dtype, channels)
         return self.vals if dtype is None else self.vals.to(dtype)
 
@@ -350,14 +350,14 @@ class PackedTensor:
         Quantized kept values are dequantized in float32."""
         keep = self.keep_mask()
         out = self.fill_values(keep, dtype)
-        vals = self.kept_values(torch.float32) if isinstance(self.vals, QuantizedTensor) else self.vals
+        vals = self.kept_values(torch.float32, keep) if isinstance(self.vals, QuantizedTensor) else self.vals
         return out.masked_scatter_(keep, vals.to(out.dtype))
 
     def full_vals(self, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Kept values scattered to `[B, H, S, D]` with zeros elsewhere."""
         if keep is None:
             keep = self.keep_mask()
-        return torch.zeros(self.shape, dtype=self.dtype, device=self.device).masked_scatter_(keep, self.kept_values())
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device).masked_scatter_(keep, self.kept_values(keep=keep))
 
     # --- structural operations (crop, beam search, batch selection) -------------------------
     def index_batch(self, index: torch.Tensor) -> "PackedTensor":

@@ -118,6 +118,13 @@ def _masked(g: torch.Tensor, reduce, abs_: bool = False) -> torch.Tensor:
     return torch.where(hidden.all(-1), torch.zeros_like(out), out)
 
 
+def _finite_codes(codes: torch.Tensor, levels: int) -> torch.Tensor:
+    """Rounded codes clamped to `[0, levels]`. A non-finite entry makes its group's statistics
+    non-finite, so it spreads over its group on reading (as NaN/inf spread in attention); its code
+    is arbitrary."""
+    return codes.nan_to_num(nan=0.0, posinf=levels, neginf=0.0).clamp_(0, levels)
+
+
 def _expand(stat: torch.Tensor, axis: str, shape, group: int, offset: int = 0,
             channels: torch.Tensor | None = None) -> torch.Tensor:
     """A per-group statistic broadcast to every element of `shape [B, H, S, N]` (axis "channel":
@@ -173,22 +180,21 @@ class QuantizedTensor:
         xf = x.float()
         if axis != "row" and valid is not None:
             xf = _hide_invalid(xf, valid)
+        # The stored zero is rounded down and the scale up (by one unit of the scale dtype's precision),
+        # so every element's code lies in [0, 2^bits - 1] and its error stays within half a step.
+        sym_scale = lambda amax: (2 * amax / levels * (1 + eps)).clamp(max=big).to(sdtype)  # noqa: E731
+        sym_codes = lambda v, s: torch.round(v / torch.where(s > 0, s, 1.0) + levels / 2)  # noqa: E731
         if axis == "channel":  # each value at its channel; channels a row does not keep are hidden
             b, h, s, _ = x.shape
             full = torch.full((b, h, s, width), _HIDDEN, dtype=torch.float32, device=x.device)
-            scale = _masked(_group_view(full.scatter_(-1, channels, xf), "token", group, offset), torch.amax, abs_=True)
-            scale = (2 * scale / levels * (1 + eps)).clamp(max=big).to(sdtype)
-            s = _expand(scale.float(), axis, x.shape, group, offset, channels)
-            codes = torch.round(xf / torch.where(s > 0, s, 1.0) + levels / 2)
-            codes = codes.nan_to_num(nan=0.0, posinf=levels, neginf=0.0).clamp_(0, levels)
-            return cls(tuple(x.shape), x.dtype, pack_codes(codes, bits), scale, None, bits, group, axis, offset, width)
+            scale = sym_scale(_masked(_group_view(full.scatter_(-1, channels, xf), "token", group, offset), torch.amax, abs_=True))
+            codes = sym_codes(xf, _expand(scale.float(), axis, x.shape, group, offset, channels))
+            return cls(tuple(x.shape), x.dtype, pack_codes(_finite_codes(codes, levels), bits), scale, None, bits, group,
+                       axis, offset, width)
         g = _group_view(xf, axis, group, offset)
-        # The stored zero is rounded down and the scale up (by one unit of the scale dtype's precision),
-        # so every element's code lies in [0, 2^bits - 1] and its error stays within half a step.
         if symmetric:
-            scale = (2 * _masked(g, torch.amax, abs_=True) / levels * (1 + eps)).clamp(max=big).to(sdtype)
-            s = scale.float().unsqueeze(-1)
-            codes = torch.round(g / torch.where(s > 0, s, 1.0) + levels / 2)
+            scale = sym_scale(_masked(g, torch.amax, abs_=True))
+            codes = sym_codes(g, scale.float().unsqueeze(-1))
             zero = None
         else:
             lo = _masked(g, torch.amin)
@@ -196,10 +202,7 @@ class QuantizedTensor:
             scale = ((_masked(g, torch.amax) - zero.float()) / levels * (1 + eps)).clamp(max=big).to(sdtype)
             s = scale.float().unsqueeze(-1)
             codes = torch.round((g - zero.float().unsqueeze(-1)) / torch.where(s > 0, s, 1.0))
-        # a non-finite entry makes its group's statistics non-finite, so it spreads over its group on
-        # reading (as NaN/inf spread in attention); its code is arbitrary
-        codes = codes.nan_to_num(nan=0.0, posinf=levels, neginf=0.0).clamp_(0, levels)
-        codes = _ungroup(codes, axis, x.shape, offset)
+        codes = _ungroup(_finite_codes(codes, levels), axis, x.shape, offset)
         return cls(tuple(x.shape), x.dtype, pack_codes(codes, bits), scale, zero, bits, group, axis, offset)
 
     # --- reading ---------------------------------------------------------------------------

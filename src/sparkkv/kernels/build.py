@@ -141,25 +141,15 @@ def _load_or_build(key: str, source: Path, cflags: list[str], ldflags: list[str]
 
     folder = build_folder(key)
     stamp = _stamp(key, source, cflags, ldflags)
-    if fcntl is None:
-        return cpp_extension.load(name=key, sources=[str(source)], extra_cflags=list(cflags), extra_ldflags=list(ldflags),
-                                  build_directory=str(folder), verbose=False)
-    try:
-        fd = os.open(folder / FLOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        if exc.errno in _READ_ONLY:
-            return _load_prebuilt(key, folder, stamp, exc)
-        raise
-    try:
-        _acquire(fd, folder, key)
-        _remove_stale_torch_lock(folder)
+
+    def build():
         module = cpp_extension.load(name=key, sources=[str(source)], extra_cflags=list(cflags),  # torch appends to
                                     extra_ldflags=list(ldflags), build_directory=str(folder), verbose=False)  # the lists
         _write_stamp(folder, stamp)
         log.info("sparkkv C++ kernel %s built or up to date (%s)", key, folder)
         return module
-    finally:
-        os.close(fd)  # releases the flock
+
+    return guarded_load(folder, key, build, read_only=lambda exc: _load_prebuilt(key, folder, stamp, exc))
 
 
 def _remove_stale_torch_lock(folder: Path) -> None:
@@ -170,12 +160,12 @@ def _remove_stale_torch_lock(folder: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def guarded_load(folder: Path, key: str, load):
-    """`load()` (a call that builds or loads a torch C++ extension whose build folder is `folder`, such
-    as a library's own extension) under the same guard as this module's kernels: our flock, a stale
+def guarded_load(folder: Path, key: str, load, read_only=None):
+    """`load()` (a call that builds or loads a torch C++ extension whose build folder is `folder`:
+    this module's kernels, or a library's own extension) under the build guard: our flock, a stale
     torch `lock` removed, at most SPARKKV_BUILD_TIMEOUT seconds of waiting (`BuildTimeout`). Every
-    process that builds that extension through here is safe from the others' interrupted builds; a
-    folder that cannot be written is left to `load()` itself."""
+    process that builds that extension through here is safe from the others' interrupted builds. A
+    folder that cannot be written goes to `read_only(exc)` (default: `load()` itself)."""
     if fcntl is None:
         return load()
     folder.mkdir(parents=True, exist_ok=True)
@@ -183,7 +173,7 @@ def guarded_load(folder: Path, key: str, load):
         fd = os.open(folder / FLOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         if exc.errno in _READ_ONLY:
-            return load()
+            return read_only(exc) if read_only is not None else load()
         raise
     try:
         _acquire(fd, folder, key)
