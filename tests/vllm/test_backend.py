@@ -11,6 +11,7 @@ vllm_backend = pytest.importorskip("vllm.v1.attention.backend", reason="vLLM is 
 
 import sparkkv  # noqa: E402
 from sparkkv.method import window_query_norm  # noqa: E402
+from sparkkv.quant import QuantizedTensor  # noqa: E402
 from sparkkv.vllm import settings  # noqa: E402
 from sparkkv.vllm.backend import SparKAttentionBackend, SparKAttentionImpl, SparKMetadata  # noqa: E402
 
@@ -77,22 +78,26 @@ def _run_step(impl, kv, bs, reqs, lengths, prompt_lens):
 
 def _reference(req, config, prompt_len, pos, h, g, d, window):
     """float64 attention of query `pos` over keys 0..pos: prompt keys and earlier decode keys as the
-    library compresses them with the prompt's qn (own key dense), values dense."""
+    library compresses them with the prompt's qn (own key dense), values dense or, with `value_bits`
+    < 16, as the library quantizes them per token (own value dense)."""
     qn = window_query_norm(req.q[prompt_len - window:prompt_len].transpose(0, 1).unsqueeze(0), h)
     keys = req.k[:pos].transpose(0, 1).unsqueeze(0)
     stored = sparkkv.compress_keys(keys, None, config, qn=qn).dense(torch.float32).double() if pos else keys.double()
     kall = torch.cat([stored, req.k[pos:pos + 1].transpose(0, 1).unsqueeze(0).double()], dim=2)[0]  # [H, pos+1, D]
     vall = req.v[: pos + 1].transpose(0, 1).double()
+    if config.value_bits < 16 and pos:
+        stored_v = QuantizedTensor.quantize(req.v[:pos].transpose(0, 1).unsqueeze(0), config.value_bits, config.quant_group_size, "row")
+        vall = torch.cat([stored_v.dense(torch.float64)[0], vall[:, pos:]], dim=1)
     q = req.q[pos].view(h, g, d).double()
     logits = torch.einsum("hgd,hsd->hgs", q, kall) * d**-0.5
     return torch.einsum("hgs,hsd->hgd", logits.softmax(-1), vall).reshape(h * g, d)
 
 
 @pytest.mark.parametrize("path,tol", [("torch", 2e-2), ("cpu", 3e-2)])
-@pytest.mark.parametrize("ratio", [0.0, 0.8])
-def test_prefill_then_decode_matches_reference(monkeypatch, seed, path, tol, ratio):
+@pytest.mark.parametrize("ratio,value_bits", [(0.0, 16), (0.8, 16), (0.8, 4), (0.0, 2)])
+def test_prefill_then_decode_matches_reference(monkeypatch, seed, path, tol, ratio, value_bits):
     h, g, d, bs = 3, 3, 64, 16
-    fields = {"key_prune_ratio": ratio, "attention_backend": path}
+    fields = {"key_prune_ratio": ratio, "attention_backend": path, "value_bits": value_bits, "quant_group_size": 32}
     spec, impl = _setup(monkeypatch, fields, h, g, d, bs)
     kv = _kv_view(spec, 64)
     config = sparkkv.SparKConfig(**{k: v for k, v in fields.items()})

@@ -6,6 +6,7 @@ import torch
 
 import sparkkv
 from sparkkv.method import window_query_norm
+from sparkkv.quant import QuantizedTensor
 from sparkkv.vllm.records import RecordLayout, check_config
 
 
@@ -59,6 +60,34 @@ def test_pruned_values_roundtrip_equals_compress_values(seed, dtype, length):
     torch.testing.assert_close(v_op.dense(), ref.dense(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,group,head_dim,length", [(8, 64, 64, 1), (4, 64, 64, 37), (2, 16, 64, 129), (4, 32, 128, 19), (2, 8, 8, 5)])
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_quantized_values_roundtrip_equals_the_library(seed, dtype, bits, group, head_dim, length, ratio):
+    """value_bits < 16: the records hold the library's own codes (dense values per token, axis "row";
+    pruned values' kept entries as `policies.py` quantizes them), and a token alone (a decode step)
+    is coded as within a prompt. Against float64: every element within half a step of its value."""
+    config = sparkkv.SparKConfig(key_prune_ratio=0.8, value_prune_ratio=ratio, value_bits=bits, quant_group_size=group)
+    layout = RecordLayout.create(config, 3, head_dim, block_size=32, dtype=dtype)
+    assert layout.value_codec == ("pruned+quant" if ratio else "quant")
+    keys, values = torch.randn(length, 3, head_dim).to(dtype), torch.randn(length, 3, head_dim).to(dtype)
+    qn = torch.rand(3, head_dim) + 0.1
+    _, v_op = _roundtrip(layout, keys, values, qn, torch.randperm(12)[: -(-length // 32)])
+    seq = values.transpose(0, 1).unsqueeze(0)
+    if ratio:
+        ref = sparkkv.compress_values(seq, ratio).with_quantized_vals(bits, group, symmetric=False)
+    else:
+        ref = QuantizedTensor.quantize(seq, bits, group, "row")
+        q = ref.scale.double().repeat_interleave(group, -1)[..., :head_dim] / 2
+        err = (v_op.dense(torch.float64) - seq.double()).abs()
+        assert bool((err <= q * (1 + 1e-2) + 1e-6).all())
+    torch.testing.assert_close(v_op.dense(), ref.dense(), rtol=0, atol=0)
+    rows = layout.encode_values(values, rows=True)
+    whole = layout.encode_values(values)
+    if not ratio:  # per-token codes: a decode step writes what a prompt would
+        assert all(torch.equal(rows[n], whole[n]) for n in whole)
+
+
 def test_dense_method_stores_plain_keys(seed):
     layout = RecordLayout.create(sparkkv.SparKConfig(method="dense"), 2, 64, block_size=16, dtype=torch.bfloat16)
     assert layout.header_bytes == 0 and [r.name for r in layout.regions] == ["k", "v"]
@@ -79,13 +108,36 @@ def test_bytes_per_token_smollm2_geometry():
     assert 128 * 3 * 256 / layout.page_bytes > 1.47
 
 
+@pytest.mark.parametrize("value_bits,value_bytes", [(8, 64 + 2 + 2), (4, 32 + 2 + 2), (2, 16 + 2 + 2)])
+def test_bytes_per_token_with_quantized_values(value_bits, value_bytes):
+    """SmolLM2 geometry, k0.8 keys (44 B) + values as codes with one bf16 scale and zero per 64 channels."""
+    config = sparkkv.SparKConfig(key_prune_ratio=0.8, value_bits=value_bits)
+    layout = RecordLayout.create(config, 3, 64, 128, torch.bfloat16)
+    assert layout.record_bytes == 44 + value_bytes
+    assert layout.page_bytes == 128 * 3 * (44 + value_bytes) + 768
+
+
 @pytest.mark.parametrize("fields,needle", [
     ({"selection": "top_p"}, "selection='top_p'"),
     ({"recovery": "normal"}, "recovery='normal'"),
     ({"method": "snapkv+spark", "token_budget": 128}, "evicts tokens"),
     ({"method": "think"}, "method='think'"),
+    ({"key_bits": 4}, "key_bits=4"),
+    ({"mask_format": "trits"}, "mask_format='trits'"),
 ])
 def test_configurations_records_cannot_store(fields, needle):
     with pytest.raises(ValueError, match="sparkkv.vllm") as info:
         check_config(sparkkv.SparKConfig(**fields))
     assert needle in str(info.value)
+
+
+def test_bench_configuration_names():
+    from sparkkv.vllm.bench import config_fields
+
+    assert config_fields("stock") is None
+    assert config_fields("k0.8") == {"key_prune_ratio": 0.8}
+    assert config_fields("k0.8v0.5") == {"key_prune_ratio": 0.8, "value_prune_ratio": 0.5}
+    assert config_fields("k0.8vq4") == {"key_prune_ratio": 0.8, "value_bits": 4}
+    assert config_fields("k0.8v0.5vq2") == {"key_prune_ratio": 0.8, "value_prune_ratio": 0.5, "value_bits": 2}
+    with pytest.raises(ValueError, match="vq<value bits>"):
+        config_fields("k0.8q4")

@@ -48,6 +48,8 @@ QUANT_BYTES_CONFIGS = [
     SparKConfig(method="none", key_bits=4, value_bits=4),
     SparKConfig(method="none", key_bits=2, value_bits=2),
     SparKConfig(key_prune_ratio=0.8, mask_format="trits"),
+    SparKConfig(key_prune_ratio=0.8, value_bits=4),  # what the vLLM backend stores (keys at 16 bits there)
+    SparKConfig(key_prune_ratio=0.8, value_bits=2),
     SparKConfig(key_prune_ratio=0.8, key_bits=4, value_bits=4),
     SparKConfig(key_prune_ratio=0.8, key_bits=4, value_bits=4, mask_format="trits"),
     SparKConfig(key_prune_ratio=0.8, key_bits=4, value_bits=4, mask_format="trits", quant_group_size=128),

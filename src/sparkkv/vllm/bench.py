@@ -13,7 +13,8 @@ greedy, `--new-tokens` tokens each (EOS ignored), all submitted at once. Reporte
 KV-cache size in tokens vLLM reports (blocks x block size), the ratio to stock, how many requests fit at
 once (blocks / blocks per request), the workload's wall time and output tokens per second.
 Engines run eagerly (`enforce_eager=True`) in both rows. Configuration names: "stock" (CPU_ATTN),
-"k<ratio>" (SparK keys), "k<ratio>v<ratio>" (SparK keys and pruned values), "dense" (the plugin with
+"k<ratio>" (SparK keys), "k<ratio>v<ratio>" (SparK keys and pruned values), a "vq<bits>" suffix (values quantized to 8, 4 or 2
+bits: "k0.8vq4"), "dense" (the plugin with
 dense records: its own overhead).
 """
 
@@ -41,12 +42,15 @@ def config_fields(name: str) -> dict | None:
         return None
     if name == "dense":
         return {"method": "dense"}
-    m = re.fullmatch(r"k([0-9.]+)(?:v([0-9.]+))?", name)
+    m = re.fullmatch(r"k([0-9.]+)(?:v([0-9.]+))?(?:vq([0-9]+))?", name)
     if not m:
-        raise ValueError(f"unknown configuration {name!r}: expected stock, dense, k<ratio> or k<ratio>v<ratio>")
+        raise ValueError(f"unknown configuration {name!r}: expected stock, dense, k<ratio>, k<ratio>v<ratio>, "
+                         "optionally followed by vq<value bits> (k0.8vq4)")
     fields = {"key_prune_ratio": float(m.group(1))}
     if m.group(2):
         fields["value_prune_ratio"] = float(m.group(2))
+    if m.group(3):
+        fields["value_bits"] = int(m.group(3))
     return fields
 
 

@@ -12,6 +12,13 @@ Page = field regions, then a header (byte offsets are multiples of 16):
     region  k_scale  [block_size, H]        scale dtype   recovery magnitude sqrt(a_t) (recovery mean)
     region  v        [block_size, H, Dv]    model dtype   the value (value codec "dense"), or
     region  v_vals / v_keep / v_scale                     pruned values (codec "pruned": compress_values)
+    region  v_codes / v_qscale / v_qzero                  `value_bits`-bit codes of the value (codec "quant")
+                                                          or of the pruned values' kept entries (codec
+                                                          "pruned+quant", with v_keep / v_scale): uint8
+                                                          codes `[ceil(N * bits / 8)]`, a scale and zero per
+                                                          group of `quant_group_size` channels of the token
+                                                          (`quant.QuantizedTensor`, axis "row": per token,
+                                                          so one record holds all of it)
     header  qn       [H, D]                 float32       the query norms every key of this page was compressed with
 
 (`method="dense"` stores region `k [block_size, H, D]` instead of the four key regions.)
@@ -39,10 +46,11 @@ import torch
 from ..config import SparKConfig
 from ..method import compress_keys, compress_values
 from ..packed import PackedTensor
+from ..quant import QuantizedTensor, quant_scale_dtype
 
 _ALIGN = 16
 KEY_CODECS = ("spark", "dense")
-VALUE_CODECS = ("dense", "pruned")
+VALUE_CODECS = ("dense", "pruned", "quant", "pruned+quant")
 
 
 def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -95,7 +103,7 @@ class RecordLayout:
         if head_dim % 8 or dv % 8:
             raise ValueError(f"head_dim {head_dim} / {dv}: sparkkv packs one bit per channel, so head dims must be multiples of 8")
         key_codec = "dense" if config.channel_policy == "dense" else "spark"
-        value_codec = "pruned" if config.value_prune_ratio > 0 else "dense"
+        value_codec = _value_codec(config)
         t, tv = _kept_counts(config, key_codec, value_codec, num_kv_heads, head_dim, dv)
         sdt = _scale_dtype(dtype)
         fields: list[tuple[str, torch.dtype, int]] = []
@@ -107,7 +115,7 @@ class RecordLayout:
                 fields.append(("k_sign", torch.uint8, head_dim // 8))
             if config.recovery == "mean":
                 fields.append(("k_scale", sdt, 1))
-        fields += _value_fields(value_codec, dtype, dv, tv)
+        fields += _value_fields(value_codec, dtype, dv, tv, config)
         regions, offset = [], 0
         for name, dt, elems in fields:
             nbytes = block_size * num_kv_heads * elems * dt.itemsize
@@ -116,7 +124,7 @@ class RecordLayout:
         header_offset = offset
         page_bytes = _align(offset + (num_kv_heads * head_dim * 4 if key_codec == "spark" else 0))
         return cls(config, num_kv_heads, head_dim, dv, block_size, dtype, key_codec, value_codec, t,
-                   tv if value_codec == "pruned" else dv, tuple(regions), header_offset, page_bytes)
+                   tv if value_codec.startswith("pruned") else dv, tuple(regions), header_offset, page_bytes)
 
     # --- sizes ---------------------------------------------------------------------------------
     @property
@@ -173,19 +181,25 @@ class RecordLayout:
         return out
 
     def encode_values(self, values: torch.Tensor, rows: bool = False) -> dict[str, torch.Tensor]:
-        """Values `[N, H, Dv]` -> field name -> `[N, H, elems]` (dense, or `sparkkv.compress_values`,
-        whose statistics see the N tokens as one sequence, or each token alone when `rows`: the
-        decode tokens of N requests)."""
-        if self.value_codec == "dense":
-            return {"v": values.to(self.dtype)}
+        """Values `[N, H, Dv]` -> field name -> `[N, H, elems]`: dense, quantized per token
+        (`QuantizedTensor.quantize`, axis "row"), or `sparkkv.compress_values` (its statistics see the
+        N tokens as one sequence, or each token alone when `rows`: the decode tokens of N requests),
+        its kept values then quantized as the library's value packer does (`policies.py`)."""
         v = values.to(self.dtype)
-        if rows:
-            packed = compress_values(v.unsqueeze(2), self.config.value_prune_ratio)
-            row = lambda t: t[:, :, 0]  # noqa: E731
-        else:
-            packed = compress_values(v.transpose(0, 1).unsqueeze(0), self.config.value_prune_ratio)
-            row = lambda t: t[0].transpose(0, 1)  # noqa: E731
-        return {"v_vals": row(packed.vals), "v_keep": row(packed.keep), "v_scale": row(packed.scale.unsqueeze(-1))}
+        if self.value_codec == "dense":
+            return {"v": v}
+        config = self.config
+        seq = (lambda t: t.unsqueeze(2)) if rows else (lambda t: t.transpose(0, 1).unsqueeze(0))  # noqa: E731
+        row = (lambda t: t[:, :, 0]) if rows else (lambda t: t[0].transpose(0, 1))  # noqa: E731
+        if self.value_codec == "quant":
+            q = QuantizedTensor.quantize(seq(v), config.value_bits, config.quant_group_size, "row")
+            return {"v_codes": row(q.codes), "v_qscale": row(q.scale), "v_qzero": row(q.zero)}
+        packed = compress_values(seq(v), config.value_prune_ratio)
+        out = {"v_keep": row(packed.keep), "v_scale": row(packed.scale.unsqueeze(-1))}
+        if self.value_codec == "pruned":
+            return {"v_vals": row(packed.vals), **out}
+        q = packed.with_quantized_vals(config.value_bits, config.quant_group_size, symmetric=False).vals
+        return {"v_codes": row(q.codes), "v_qscale": row(q.scale), "v_qzero": row(q.zero), **out}
 
     def write(self, pages: torch.Tensor, page_idx: torch.Tensor, offsets: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
         """Write records: token i goes to page `page_idx[i]`, slot `offsets[i]` (int64 `[N]`).
@@ -248,13 +262,22 @@ class RecordLayout:
             sign=f.get("k_sign"), scale=f["k_scale"].squeeze(-1) if "k_scale" in f else None, chan=chan)
 
     def values_operand(self, fields: dict[str, torch.Tensor]):
-        """Per-field tensors from `gather` -> the values as dense `[1, H, S, Dv]` or `PackedTensor`."""
+        """Per-field tensors from `gather` / `gather_batch` -> the values as dense `[R, H, S, Dv]`,
+        `QuantizedTensor` (codec "quant") or `PackedTensor` (kept values raw or quantized)."""
         f = {n: t if t.dim() == 4 else t.unsqueeze(0) for n, t in fields.items()}
         if self.value_codec == "dense":
             return f["v"]
-        b, _, s, _ = f["v_vals"].shape
+        b, _, s, _ = f["v_keep" if self.value_codec.startswith("pruned") else "v_codes"].shape
+        vals = None
+        if self.value_codec.endswith("quant"):
+            n = self.kept_v
+            vals = QuantizedTensor(shape=(b, self.num_kv_heads, s, n), dtype=self.dtype, codes=f["v_codes"],
+                                   scale=f["v_qscale"], zero=f["v_qzero"], bits=self.config.value_bits,
+                                   group=self.config.quant_group_size)
+            if self.value_codec == "quant":
+                return vals
         return PackedTensor(shape=(b, self.num_kv_heads, s, self.head_dim_v), dtype=self.dtype,
-                            vals=f["v_vals"], keep=f["v_keep"], scale=f["v_scale"].squeeze(-1))
+                            vals=f["v_vals"] if vals is None else vals, keep=f["v_keep"], scale=f["v_scale"].squeeze(-1))
 
     def chan(self, qn: torch.Tensor) -> torch.Tensor | None:
         """The recovery factor float32 `[H, D]` (or `[R, H, D]`) for keys compressed with `qn [H, D]`
@@ -276,15 +299,32 @@ def _kept_counts(config: SparKConfig, key_codec: str, value_codec: str, h: int, 
         probe = torch.randn(1, h, 1, d, generator=torch.Generator().manual_seed(0))
         t = compress_keys(probe, None, config, qn=torch.ones(1, h, d)).vals.shape[-1]
     tv = dv
-    if value_codec == "pruned":
+    if value_codec.startswith("pruned"):
         tv = compress_values(torch.randn(1, h, 1, dv, generator=torch.Generator().manual_seed(0)), config.value_prune_ratio).vals.shape[-1]
     return t, tv
 
 
-def _value_fields(codec: str, dtype: torch.dtype, dv: int, tv: int) -> list[tuple[str, torch.dtype, int]]:
+def _value_codec(config: SparKConfig) -> str:
+    """The value codec a configuration stores: "dense", "pruned", "quant" or "pruned+quant"."""
+    quant = config.value_bits < 16
+    if config.value_prune_ratio > 0:
+        return "pruned+quant" if quant else "pruned"
+    return "quant" if quant else "dense"
+
+
+def _value_fields(codec: str, dtype: torch.dtype, dv: int, tv: int, config: SparKConfig) -> list[tuple[str, torch.dtype, int]]:
     if codec == "dense":
         return [("v", dtype, dv)]
-    return [("v_vals", dtype, tv), ("v_keep", torch.uint8, dv // 8), ("v_scale", _scale_dtype(dtype), 1)]
+    fields = []
+    n = tv if codec.startswith("pruned") else dv
+    if codec.endswith("quant"):
+        bits, groups, qdt = config.value_bits, -(-n // config.quant_group_size), quant_scale_dtype(dtype)
+        fields += [("v_codes", torch.uint8, -(-n * bits // 8)), ("v_qscale", qdt, groups), ("v_qzero", qdt, groups)]
+    else:
+        fields.append(("v_vals", dtype, tv))
+    if codec.startswith("pruned"):
+        fields += [("v_keep", torch.uint8, dv // 8), ("v_scale", _scale_dtype(dtype), 1)]
+    return fields
 
 
 def check_config(config: SparKConfig) -> None:
@@ -292,6 +332,13 @@ def check_config(config: SparKConfig) -> None:
     if config.eviction is not None:
         raise ValueError(f"sparkkv.vllm: method={config.method!r} evicts tokens; the vLLM backend stores every token "
                          "(allowed methods: 'spark', 'dense')")
+    if config.key_bits < 16:
+        raise ValueError(f"sparkkv.vllm: key_bits={config.key_bits}: SparK's kept key values are quantized with one scale "
+                         "per channel and group of quant_group_size tokens, which a one-token record cannot hold; "
+                         "the vLLM backend stores keys at key_bits=16 (value_bits 8, 4 or 2 are served)")
+    if config.mask_format != "bits":
+        raise ValueError(f"sparkkv.vllm: mask_format={config.mask_format!r} is not served by the vLLM backend "
+                         "(allowed: 'bits')")
     if config.channel_policy not in ("spark", "dense"):
         raise ValueError(f"sparkkv.vllm: method={config.method!r} is not served by the vLLM backend (allowed: 'spark', 'dense')")
     if config.channel_policy == "spark":
