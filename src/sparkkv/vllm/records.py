@@ -33,8 +33,9 @@ written into the same page are compressed with the `qn` already there (see `back
 Field-major regions make per-field reads cheap: gathering a request's pages and slicing one region
 gives the `[S, H, X]` tensor that `PackedTensor` and the fused kernels take, with one copy per field.
 
-Adding a value codec (8/4/2-bit quantized kinds): add its regions in `_value_fields`, its encoder in
-`encode_values` and its reader in `values_operand`; nothing else reads value bytes.
+Value codecs ("dense", "pruned", "quant", "pruned+quant", picked by `_value_codec`): each has its
+regions in `_value_fields`, its encoder in `encode_values` and its reader in `values_operand`; nothing
+else reads value bytes.
 """
 
 from __future__ import annotations
