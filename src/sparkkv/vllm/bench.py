@@ -13,9 +13,9 @@ greedy, `--new-tokens` tokens each (EOS ignored), all submitted at once. Reporte
 KV-cache size in tokens vLLM reports (blocks x block size), the ratio to stock, how many requests fit at
 once (blocks / blocks per request), the workload's wall time and output tokens per second.
 Engines run eagerly (`enforce_eager=True`) in both rows. Configuration names: "stock" (CPU_ATTN),
-"k<ratio>" (SparK keys), "k<ratio>v<ratio>" (SparK keys and pruned values), a "vq<bits>" suffix (values quantized to 8, 4 or 2
-bits: "k0.8vq4"), "dense" (the plugin with
-dense records: its own overhead).
+"k<ratio>" (SparK keys), "k<ratio>v<ratio>" (SparK keys and pruned values), either with a "vq<bits>"
+suffix (values quantized to 8, 4 or 2 bits: "k0.8vq4"), "dense" (the plugin with dense records: its
+own overhead).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ import torch
 from ..config import SparKConfig
 from ..method import compress_keys, compress_values
 from ..packed import PackedTensor
-from ..quant import QuantizedTensor, quant_scale_dtype
+from ..quant import QuantizedTensor
 
 _ALIGN = 16
 KEY_CODECS = ("spark", "dense")
@@ -105,7 +105,7 @@ class RecordLayout:
             raise ValueError(f"head_dim {head_dim} / {dv}: sparkkv packs one bit per channel, so head dims must be multiples of 8")
         key_codec = "dense" if config.channel_policy == "dense" else "spark"
         value_codec = _value_codec(config)
-        t, tv = _kept_counts(config, key_codec, value_codec, num_kv_heads, head_dim, dv)
+        t, tv = _kept_counts(config, key_codec, num_kv_heads, head_dim, dv)
         sdt = _scale_dtype(dtype)
         fields: list[tuple[str, torch.dtype, int]] = []
         if key_codec == "dense":
@@ -116,7 +116,7 @@ class RecordLayout:
                 fields.append(("k_sign", torch.uint8, head_dim // 8))
             if config.recovery == "mean":
                 fields.append(("k_scale", sdt, 1))
-        fields += _value_fields(value_codec, dtype, dv, tv, config)
+        fields += _value_fields(config, dtype, dv, tv)
         regions, offset = [], 0
         for name, dt, elems in fields:
             nbytes = block_size * num_kv_heads * elems * dt.itemsize
@@ -125,7 +125,7 @@ class RecordLayout:
         header_offset = offset
         page_bytes = _align(offset + (num_kv_heads * head_dim * 4 if key_codec == "spark" else 0))
         return cls(config, num_kv_heads, head_dim, dv, block_size, dtype, key_codec, value_codec, t,
-                   tv if value_codec.startswith("pruned") else dv, tuple(regions), header_offset, page_bytes)
+                   tv if config.value_prune_ratio > 0 else dv, tuple(regions), header_offset, page_bytes)
 
     # --- sizes ---------------------------------------------------------------------------------
     @property
@@ -268,11 +268,10 @@ class RecordLayout:
         f = {n: t if t.dim() == 4 else t.unsqueeze(0) for n, t in fields.items()}
         if self.value_codec == "dense":
             return f["v"]
-        b, _, s, _ = f["v_keep" if self.value_codec.startswith("pruned") else "v_codes"].shape
+        b, _, s, _ = f["v_keep" if self.config.value_prune_ratio > 0 else "v_codes"].shape
         vals = None
-        if self.value_codec.endswith("quant"):
-            n = self.kept_v
-            vals = QuantizedTensor(shape=(b, self.num_kv_heads, s, n), dtype=self.dtype, codes=f["v_codes"],
+        if self.config.value_bits < 16:
+            vals = QuantizedTensor(shape=(b, self.num_kv_heads, s, self.kept_v), dtype=self.dtype, codes=f["v_codes"],
                                    scale=f["v_qscale"], zero=f["v_qzero"], bits=self.config.value_bits,
                                    group=self.config.quant_group_size)
             if self.value_codec == "quant":
@@ -292,7 +291,7 @@ class RecordLayout:
         return chan if batched else chan[0]
 
 
-def _kept_counts(config: SparKConfig, key_codec: str, value_codec: str, h: int, d: int, dv: int) -> tuple[int, int]:
+def _kept_counts(config: SparKConfig, key_codec: str, h: int, d: int, dv: int) -> tuple[int, int]:
     """Key and value channels the library keeps per token, read off one probe compression (so the
     count is the library's rule, not a copy of it)."""
     t = d
@@ -300,7 +299,7 @@ def _kept_counts(config: SparKConfig, key_codec: str, value_codec: str, h: int, 
         probe = torch.randn(1, h, 1, d, generator=torch.Generator().manual_seed(0))
         t = compress_keys(probe, None, config, qn=torch.ones(1, h, d)).vals.shape[-1]
     tv = dv
-    if value_codec.startswith("pruned"):
+    if config.value_prune_ratio > 0:
         tv = compress_values(torch.randn(1, h, 1, dv, generator=torch.Generator().manual_seed(0)), config.value_prune_ratio).vals.shape[-1]
     return t, tv
 
@@ -313,17 +312,18 @@ def _value_codec(config: SparKConfig) -> str:
     return "quant" if quant else "dense"
 
 
-def _value_fields(codec: str, dtype: torch.dtype, dv: int, tv: int, config: SparKConfig) -> list[tuple[str, torch.dtype, int]]:
-    if codec == "dense":
-        return [("v", dtype, dv)]
-    fields = []
-    n = tv if codec.startswith("pruned") else dv
-    if codec.endswith("quant"):
-        bits, groups, qdt = config.value_bits, -(-n // config.quant_group_size), quant_scale_dtype(dtype)
-        fields += [("v_codes", torch.uint8, -(-n * bits // 8)), ("v_qscale", qdt, groups), ("v_qzero", qdt, groups)]
+def _value_fields(config: SparKConfig, dtype: torch.dtype, dv: int, tv: int) -> list[tuple[str, torch.dtype, int]]:
+    """The value regions of `_value_codec(config)`: the quantized ones' sizes and dtypes read off one
+    probe `QuantizedTensor` (the library's code layout, not a copy of it)."""
+    pruned = config.value_prune_ratio > 0
+    n = tv if pruned else dv
+    if config.value_bits < 16:
+        q = QuantizedTensor.quantize(torch.zeros(1, 1, 1, n, dtype=dtype), config.value_bits, config.quant_group_size, "row")
+        fields = [("v_codes", q.codes.dtype, q.codes.shape[-1]), ("v_qscale", q.scale.dtype, q.scale.shape[-1]),
+                  ("v_qzero", q.zero.dtype, q.zero.shape[-1])]
     else:
-        fields.append(("v_vals", dtype, tv))
-    if codec.startswith("pruned"):
+        fields = [("v_vals" if pruned else "v", dtype, n)]
+    if pruned:
         fields += [("v_keep", torch.uint8, dv // 8), ("v_scale", _scale_dtype(dtype), 1)]
     return fields
 
