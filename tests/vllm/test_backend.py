@@ -76,10 +76,11 @@ def _run_step(impl, kv, bs, reqs, lengths, prompt_lens):
     return out, qsl
 
 
-def _reference(req, config, prompt_len, pos, h, g, d, window):
+def _reference(req, config, prompt_len, pos, h, g, d, window, recent=0):
     """float64 attention of query `pos` over keys 0..pos: prompt keys and earlier decode keys as the
     library compresses them with the prompt's qn (own key dense), values dense or, with `value_bits`
-    < 16, as the library quantizes them per token (own value dense)."""
+    < 16, as the library quantizes them per token (own value dense); the last `recent` generated
+    tokens before `pos` (`vllm_recent_tokens`) exact, keys and values."""
     qn = window_query_norm(req.q[prompt_len - window:prompt_len].transpose(0, 1).unsqueeze(0), h)
     keys = req.k[:pos].transpose(0, 1).unsqueeze(0)
     stored = sparkkv.compress_keys(keys, None, config, qn=qn).dense(torch.float32).double() if pos else keys.double()
@@ -88,19 +89,24 @@ def _reference(req, config, prompt_len, pos, h, g, d, window):
     if config.value_bits < 16 and pos:
         stored_v = QuantizedTensor.quantize(req.v[:pos].transpose(0, 1).unsqueeze(0), config.value_bits, config.quant_group_size, "row")
         vall = torch.cat([stored_v.dense(torch.float64)[0], vall[:, pos:]], dim=1)
+    exact = min(recent, pos - prompt_len)
+    if exact > 0:
+        kall[:, pos - exact:pos] = req.k[pos - exact:pos].transpose(0, 1).double()
+        vall[:, pos - exact:pos] = req.v[pos - exact:pos].transpose(0, 1).double()
     q = req.q[pos].view(h, g, d).double()
     logits = torch.einsum("hgd,hsd->hgs", q, kall) * d**-0.5
     return torch.einsum("hgs,hsd->hgd", logits.softmax(-1), vall).reshape(h * g, d)
 
 
 @pytest.mark.parametrize("path,tol", [("torch", 2e-2), ("cpu", 3e-2)])
-@pytest.mark.parametrize("ratio,value_bits", [(0.0, 16), (0.8, 16), (0.8, 4), (0.0, 2)])
-def test_prefill_then_decode_matches_reference(monkeypatch, seed, path, tol, ratio, value_bits):
+@pytest.mark.parametrize("ratio,value_bits,recent", [(0.0, 16, 0), (0.8, 16, 0), (0.8, 4, 0), (0.0, 2, 0), (0.8, 16, 5), (0.8, 2, 16)])
+def test_prefill_then_decode_matches_reference(monkeypatch, seed, path, tol, ratio, value_bits, recent):
+    """`recent` 5: the ring wraps around during the 12 decode steps; 16: it never fills."""
     h, g, d, bs = 3, 3, 64, 16
     fields = {"key_prune_ratio": ratio, "attention_backend": path, "value_bits": value_bits, "quant_group_size": 32}
-    spec, impl = _setup(monkeypatch, fields, h, g, d, bs)
+    spec, impl = _setup(monkeypatch, {**fields, "vllm_recent_tokens": recent}, h, g, d, bs)
     kv = _kv_view(spec, 64)
-    config = sparkkv.SparKConfig(**{k: v for k, v in fields.items()})
+    config = sparkkv.SparKConfig(**fields)
     prompts = [37, 70]
     perm = torch.randperm(63) + 1
     reqs = [Request(prompts[0], h, g, d, torch.bfloat16, perm[:4]), Request(prompts[1], h, g, d, torch.bfloat16, perm[4:10])]
@@ -116,9 +122,27 @@ def test_prefill_then_decode_matches_reference(monkeypatch, seed, path, tol, rat
     for step in range(12):  # crosses a page boundary for request 0 (37 + 12 > 48)
         out, qsl = _run_step(impl, kv, bs, reqs, [1, 1], prompts)
         for i, req in enumerate(reqs):
-            ref = _reference(req, config, prompts[i], req.done - 1, h, g, d, min(32, prompts[i]))
+            ref = _reference(req, config, prompts[i], req.done - 1, h, g, d, min(32, prompts[i]), recent)
             err = (out[qsl[i]].double() - ref).norm() / ref.norm()
             assert err < tol, (step, i, float(err))
+
+
+def test_recent_ring_starts_clean_for_a_new_request_on_the_same_pages(monkeypatch, seed):
+    """A finished request's pages go to a new request: its prefill drops the old ring (same first
+    page), so its decode steps attend to its own generated tokens exactly and to nothing of the old."""
+    h, g, d, bs, w = 2, 2, 64, 16, 4
+    spec, impl = _setup(monkeypatch, {"key_prune_ratio": 0.8, "attention_backend": "cpu", "vllm_recent_tokens": w}, h, g, d, bs)
+    kv = _kv_view(spec, 16)
+    config = sparkkv.SparKConfig(key_prune_ratio=0.8)
+    blocks = torch.tensor([9, 2, 14, 6])
+    for prompt in (29, 36):  # the old ring ends at 29 + 7 = 36: only the prefill's drop keeps it out
+        req = Request(prompt, h, g, d, torch.bfloat16, blocks)
+        _run_step(impl, kv, bs, [req], [prompt], [prompt])
+        for step in range(7):
+            out, _ = _run_step(impl, kv, bs, [req], [1], [prompt])
+            ref = _reference(req, config, prompt, req.done - 1, h, g, d, min(32, prompt), w)
+            assert (out[0].double() - ref).norm() / ref.norm() < 3e-2, (prompt, step)
+        assert list(impl._recent) == [9] and impl._recent[9].filled == w
 
 
 def test_chunked_prefill_pages_keep_their_first_qn(monkeypatch, seed):
@@ -171,4 +195,10 @@ def test_bad_additional_config_is_one_line():
         settings.parse({"sparkkv": {"key_prune": 0.5}})
     with pytest.raises(ValueError, match="vllm_prefix_caching"):
         settings.parse({"sparkkv": {"vllm_prefix_caching": "yes"}})
+    for bad in (-1, 1025, 2.0, True, "16"):
+        with pytest.raises(ValueError, match=r"vllm_recent_tokens'\] must be an integer in \[0, 1024\]"):
+            settings.parse({"sparkkv": {"vllm_recent_tokens": bad}})
+    assert settings.parse({"sparkkv": {"vllm_recent_tokens": 0}}).recent_tokens == 0
+    assert settings.parse({}).recent_tokens == 16
+    assert settings.parse({"sparkkv": {"vllm_prefix_caching": True}}).recent_tokens == 0  # keyed by first page
     assert settings.parse({}).config == sparkkv.SparKConfig()

@@ -132,9 +132,11 @@ def test_configurations_records_cannot_store(fields, needle):
 
 
 def test_bench_configuration_names():
-    from sparkkv.vllm.bench import config_fields
+    from sparkkv.vllm.bench import config_fields, engine_kwargs
 
-    assert config_fields("stock") is None
+    assert config_fields("stock") is None and config_fields("fp8") is None
+    assert engine_kwargs("stock") == {} and engine_kwargs("fp8") == {"kv_cache_dtype": "fp8"}
+    assert engine_kwargs("k0.8") == {"attention_backend": "CUSTOM", "additional_config": {"sparkkv": {"key_prune_ratio": 0.8}}}
     assert config_fields("k0.8") == {"key_prune_ratio": 0.8}
     assert config_fields("k0.8v0.5") == {"key_prune_ratio": 0.8, "value_prune_ratio": 0.5}
     assert config_fields("k0.8vq4") == {"key_prune_ratio": 0.8, "value_bits": 4}

@@ -22,6 +22,12 @@ values `k_r, v_r [L, Hkv, D]`, `P = seq_len - L` tokens already in the pages):
    `qn = window_query_norm(last window_size queries of the step)`; a decode step uses the `qn` of
    the page holding its previous token. A token written into a page that already holds tokens uses
    that page's header `qn`, so every page stays self-contained.
+3. Recent tokens (`vllm_recent_tokens` W, default 16). Each request's last W generated tokens are
+   also kept exactly (keys and values, model dtype) in a per-layer ring (`Recent`), keyed by the
+   request's first page. Attention reads the stored tokens `[0, P - c)` from the records and the
+   ring's `c` tokens `[P - c, P)` densely (with the step's own tokens), so a request attends as the
+   transformers path does with a dense tail of recent generated tokens. The records still hold every
+   token: a ring that is missing or not current (`end != P`) is simply not used.
 """
 
 from __future__ import annotations
@@ -144,6 +150,30 @@ def _pages(kv_cache: torch.Tensor, page_bytes: int) -> torch.Tensor:
     return torch.as_strided(u8, (u8.shape[0], page_bytes), (stride, 1), u8.storage_offset())
 
 
+class Recent:
+    """Exact copies of one request's last `W` generated tokens, for one layer: `k [W, Hkv, D]`,
+    `v [W, Hkv, Dv]` in the model dtype, a ring (slot `i % W` holds the ring's `i`-th token, so its
+    first `filled` slots are the valid ones; attention does not depend on the order of its tokens).
+    `end` is the sequence length the ring is current with; `filled` its valid slots (<= W)."""
+
+    def __init__(self, capacity: int, end: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        self.k = like_k.new_empty(capacity, *like_k.shape[1:])
+        self.v = like_v.new_empty(capacity, *like_v.shape[1:])
+        self.end = end
+        self.filled = 0
+        self.written = 0
+
+    def push(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append the step's tokens `k [L, Hkv, D]`, `v [L, Hkv, Dv]` (only the last W are kept)."""
+        w, n = self.k.shape[0], k.shape[0]
+        for i in range(max(0, n - w), n):
+            slot = (self.written + i) % w
+            self.k[slot], self.v[slot] = k[i], v[i]
+        self.written += n
+        self.end += n
+        self.filled = min(w, self.filled + n)
+
+
 class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes=None, sliding_window: int | None = None, kv_cache_dtype: str = "auto",
@@ -178,6 +208,8 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
         self._layout: RecordLayout | None = None
         self._path: str | None = None
         self._chan_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recent_tokens = self.settings.recent_tokens
+        self._recent: dict[int, Recent] = {}  # first page of a request -> its ring
         _warm_kernels(self.config)
 
     # --- setup --------------------------------------------------------------------------------
@@ -232,24 +264,55 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
             length, seq = stop - start, m.seq_lens[r]
             prefilling[r] = m.prefilling[r] if m.prefilling is not None else (length > 1 or seq == length)
             (singles if length == 1 and seq > 1 and not prefilling[r] else others).append(r)
+        recent = self._recent_rings(m, prefilling, key, value)
         path = self._attention_path(query.device)
         if singles and path != "torch":
-            singles = self._decode_batch(layout, pages, m, singles, query, key, value, out)
+            singles = self._decode_batch(layout, pages, m, singles, query, key, value, out, recent)
         for r in singles + others:
             start, stop = m.query_start_loc[r], m.query_start_loc[r + 1]
             length, seq = stop - start, m.seq_lens[r]
             prior = seq - length
             blocks = m.block_table[r, : -(-seq // bs)].long()
             q, k, v = query[start:stop], key[start:stop], value[start:stop]
-            out[start:stop] = self._attend(layout, pages, blocks, prior, q, k, v).to(out.dtype)
+            out[start:stop] = self._attend(layout, pages, blocks, prior, q, k, v, recent.get(r)).to(out.dtype)
             self._write(layout, pages, blocks, prior, q, k, v, m.slot_mapping[start:stop].long(), prefilling[r])
+        for r, ring in recent.items():
+            start, stop = m.query_start_loc[r], m.query_start_loc[r + 1]
+            ring.push(key[start:stop], value[start:stop])
         return output
 
-    def _decode_batch(self, layout: RecordLayout, pages, m: SparKMetadata, reqs: list[int], query, key, value, out) -> list[int]:
-        """One decode token for each request of `reqs`, all at once: one gather of their pages, one
-        fused-kernel call over the batch (padded to the longest request, padding masked by the bias),
-        one `compress_keys` call for the new keys. Returns the requests it could not take (pages
-        with more than one header `qn`), which go through the per-request path."""
+    def _recent_rings(self, m: SparKMetadata, prefilling: dict[int, bool], key, value) -> dict[int, Recent]:
+        """The ring of every decoding request of this step (request index -> `Recent`, current with
+        its stored tokens). A prompt step drops its request's ring (a new request, or a recompute,
+        starts clean); rings of requests not in this step are dropped (finished or preempted); a
+        ring that is not current (`end` != the stored tokens) starts over from this step."""
+        if not self.recent_tokens:
+            return {}
+        firsts = {r: int(m.block_table[r, 0]) for r in prefilling}
+        live = set(firsts.values())
+        for block in [b for b in self._recent if b not in live]:
+            del self._recent[block]
+        out = {}
+        for r, first in firsts.items():
+            if prefilling[r]:
+                self._recent.pop(first, None)
+                continue
+            start, stop = m.query_start_loc[r], m.query_start_loc[r + 1]
+            prior = m.seq_lens[r] - (stop - start)
+            ring = self._recent.get(first)
+            if ring is None or ring.end != prior:
+                ring = self._recent[first] = Recent(self.recent_tokens, prior, key, value)
+            out[r] = ring
+        return out
+
+    def _decode_batch(self, layout: RecordLayout, pages, m: SparKMetadata, reqs: list[int], query, key, value, out,
+                      recent: dict[int, Recent]) -> list[int]:
+        """One decode token for each request of `reqs`, all at once: one gather of their pages (an
+        `index_select` per field), one fused-kernel call with one batch item per page (pages padded to
+        the longest request; slots past a request's stored tokens and the tokens its ring holds masked
+        by the bias), one dense partial over the rings and the new tokens, a log-sum-exp merge, one
+        `compress_keys` call for the new keys. Returns the requests it could not take (pages with
+        more than one header `qn`), which go through the per-request path."""
         bs, h, g = layout.block_size, self.num_kv_heads, self.group
         dev = query.device
         tok = torch.tensor([m.query_start_loc[r] for r in reqs], device=dev)
@@ -265,24 +328,44 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
             if bool(mixed.any()):
                 keep = [i for i in range(len(reqs)) if not bool(mixed[i])]
                 rest = [reqs[i] for i in range(len(reqs)) if bool(mixed[i])]
-                return rest + (self._decode_batch(layout, pages, m, [reqs[i] for i in keep], query, key, value, out) if keep else [])
+                return rest + (self._decode_batch(layout, pages, m, [reqs[i] for i in keep], query, key, value, out, recent)
+                               if keep else [])
             chan = self._chan(layout, table[:, 0], first)
-        fields = layout.gather_batch(pages, table, priors)
-        keys, values = layout.keys_operand(fields, chan), layout.values_operand(fields)
-        s = nb * bs
-        bias = torch.zeros(len(reqs), 1, s, device=dev)
-        bias.masked_fill_(torch.arange(s, device=dev).view(1, 1, -1) >= torch.tensor(priors, device=dev).view(-1, 1, 1), float("-inf"))
+        # one kernel batch item per page (R * nb items of bs tokens; no transposing copy of the pages),
+        # each item's partials then merged per request with the exact tokens' by log-sum-exp
+        n_req = len(reqs)
+        fields = layout.gather_pages(pages, table.reshape(-1))
+        keys = layout.keys_operand(fields, None if chan is None else chan.repeat_interleave(nb, 0))
+        values = layout.values_operand(fields)
+        rings = [recent.get(r) for r in reqs]
+        filled = [ring.filled if ring is not None else 0 for ring in rings]
+        from_records = torch.tensor([p - c for p, c in zip(priors, filled)], device=dev)
+        position = torch.arange(nb * bs, device=dev).view(1, nb, bs)
+        bias = torch.zeros(n_req, nb, bs, device=dev)
+        bias.masked_fill_(position >= from_records.view(-1, 1, 1), float("-inf"))
         q, k, v = query[tok], key[tok], value[tok]  # [R, Hq, D], [R, Hkv, D]
-        rows = q.view(len(reqs), h, g, -1)  # [R, Hkv, G, D]
+        rows = q.view(n_req, h, g, -1)  # [R, Hkv, G, D]
         if self._path == "triton":
             from ..kernels.triton_decode import decode_partials
         else:
             from ..kernels.cpu import decode_partials
         from ..kernels.reference import merge_partials
 
-        part = decode_partials(rows, keys, values, self.scale, bias=bias)
-        own_m = (rows.float() * k.float().unsqueeze(2)).sum(-1) * self.scale  # [R, H, G]
-        own = (own_m.unsqueeze(2), torch.ones_like(own_m).unsqueeze(2), v.float().unsqueeze(2).unsqueeze(2).expand(-1, -1, 1, g, -1))
+        pm, pl, pacc = decode_partials(rows.repeat_interleave(nb, 0), keys, values, self.scale, bias=bias.view(n_req * nb, 1, bs))
+        sp = pm.shape[2]  # [R * nb, H, sp, G] -> [R, H, nb * sp, G]
+        part = tuple(x.view(n_req, nb, h, sp, *x.shape[3:]).transpose(1, 2).reshape(n_req, h, nb * sp, *x.shape[3:])
+                     for x in (pm, pl, pacc))
+        # the exact tokens: each request's ring (slots past `filled` masked) and its new token
+        w = max(filled)
+        dk = torch.zeros(n_req, w + 1, h, k.shape[-1], dtype=k.dtype, device=dev)
+        dv = torch.zeros(n_req, w + 1, h, v.shape[-1], dtype=v.dtype, device=dev)
+        dk[:, w], dv[:, w] = k, v
+        for i, (ring, c) in enumerate(zip(rings, filled)):
+            if c:
+                dk[i, :c], dv[i, :c] = ring.k[:c], ring.v[:c]
+        visible = torch.arange(w + 1, device=dev).view(1, -1) < torch.tensor(filled, device=dev).view(-1, 1)
+        visible[:, w] = True
+        own = _dense_partials(rows, dk.transpose(1, 2), dv.transpose(1, 2), self.scale, visible.view(n_req, 1, 1, w + 1))
         res = merge_partials([part, own])  # [R, H, G, Dv]
         out[tok] = res.reshape(len(reqs), self.num_heads, -1).to(out.dtype)
         # write: each token compressed with the qn of its request's previous page (decode rule)
@@ -371,10 +454,11 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
             runs.append((layout.keys_operand(f, layout.chan(qn[a])), layout.values_operand(f)))
         return runs
 
-    def _attend(self, layout: RecordLayout, pages, blocks, prior: int, q, k, v) -> torch.Tensor:
+    def _attend(self, layout: RecordLayout, pages, blocks, prior: int, q, k, v, ring: Recent | None = None) -> torch.Tensor:
         """Attention of the step's queries `q [L, Hq, D]` over the `prior` stored tokens and the
         step's own `k, v [L, Hkv, D]` (causal) -> `[L, Hq, Dv]` float32 (with nothing stored yet:
-        float32 SDPA over the step's tokens, a dense prefill)."""
+        float32 SDPA over the step's tokens, a dense prefill). The last `ring.filled` stored tokens
+        are read from `ring` (exact) instead of their records."""
         length, hq, d = q.shape
         h, g = self.num_kv_heads, self.group
         # query rows of a GQA group: [1, Hkv, G * L, D], row index = g * L + i
@@ -384,9 +468,15 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
                 q.transpose(0, 1).unsqueeze(0).float(), k.transpose(0, 1).unsqueeze(0).float(),
                 v.transpose(0, 1).unsqueeze(0).float(), is_causal=True, scale=self.scale, enable_gqa=g > 1)
             return o[0].transpose(0, 1)
-        runs = self._runs(layout, pages, blocks, prior)
+        c = ring.filled if ring is not None else 0
+        runs = self._runs(layout, pages, blocks, prior - c) if prior > c else []
         path = self._attention_path(q.device)
-        own = _own_partials(rows, k, v, self.scale, length, g)
+        # exact tokens: the ring's c (seen by every row) then the step's own L (causal: row g * L + i sees 0..i)
+        ek = torch.cat([ring.k[:c], k]) if c else k
+        ev = torch.cat([ring.v[:c], v]) if c else v
+        i = torch.arange(length, device=q.device).repeat(g)  # row -> its token index
+        visible = torch.arange(c + length, device=q.device).unsqueeze(0) <= (i + c).unsqueeze(1)  # [G*L, c+L]
+        own = _dense_partials(rows, ek.transpose(0, 1).unsqueeze(0), ev.transpose(0, 1).unsqueeze(0), self.scale, visible)
         if path == "torch":
             parts = [_reference_partials(rows, kk, vv, self.scale) for kk, vv in runs]
         else:
@@ -412,26 +502,21 @@ def _warm_kernels(config) -> None:
     cpu_compress.available()
 
 
+def _dense_partials(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, visible=None):
+    """Float32 partials `(m, l, acc)` of query rows `[B, H, M, D]` over dense `k [B, H, S, D]`,
+    `v [B, H, S, Dv]`, with one split (axis 2): m, l `[B, H, 1, M]`, acc `[B, H, 1, M, Dv]`.
+    `visible` (bool, broadcast to `[B, H, M, S]`) masks keys out; a row that sees none gets m = -inf."""
+    logits = torch.matmul(rows.float(), k.float().transpose(-1, -2)) * scale  # [B, H, M, S]
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+    m = logits.amax(-1)
+    p = torch.exp(logits - torch.where(torch.isinf(m), torch.zeros_like(m), m).unsqueeze(-1))
+    return m.unsqueeze(2), p.sum(-1).unsqueeze(2), torch.matmul(p, v.float()).unsqueeze(2)
+
+
 def _reference_partials(rows: torch.Tensor, keys, values, scale: float):
-    """Float32 partials `(m, l, acc)` of every query row over one run (the reference path): keys and
-    values rebuilt densely by the library (`PackedTensor.dense(torch.float32)`)."""
+    """Float32 partials of every query row over one run (the reference path): keys and values
+    rebuilt densely by the library (`PackedTensor.dense(torch.float32)`)."""
     kd = keys.dense(torch.float32) if hasattr(keys, "dense") else keys.float()
     vd = values.dense(torch.float32) if hasattr(values, "dense") else values.float()
-    logits = torch.matmul(rows.float(), kd.transpose(-1, -2)) * scale  # [1, H, M, S]
-    m = logits.amax(-1)
-    p = torch.exp(logits - m.unsqueeze(-1))
-    return m.unsqueeze(2), p.sum(-1).unsqueeze(2), torch.matmul(p, vd).unsqueeze(2)
-
-
-def _own_partials(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, length: int, g: int):
-    """Float32 partials of the query rows over the step's own tokens, causal: row `g * L + i` sees
-    own tokens `0..i`. k, v `[L, Hkv, D]`."""
-    kd = k.transpose(0, 1).unsqueeze(0).float()  # [1, H, L, D]
-    vd = v.transpose(0, 1).unsqueeze(0).float()
-    logits = torch.matmul(rows.float(), kd.transpose(-1, -2)) * scale  # [1, H, G*L, L]
-    i = torch.arange(length, device=rows.device).repeat(g)  # row -> its token index
-    visible = torch.arange(length, device=rows.device).unsqueeze(0) <= i.unsqueeze(1)  # [G*L, L]
-    logits = logits.masked_fill(~visible, float("-inf"))
-    m = logits.amax(-1)
-    p = torch.exp(logits - m.unsqueeze(-1))
-    return m.unsqueeze(2), p.sum(-1).unsqueeze(2), torch.matmul(p, vd).unsqueeze(2)
+    return _dense_partials(rows, kd, vd, scale)

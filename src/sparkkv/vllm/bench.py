@@ -12,7 +12,8 @@ prompts of exactly `--prompt-tokens` tokens (windows of the essays haystack, or 
 greedy, `--new-tokens` tokens each (EOS ignored), all submitted at once. Reported per configuration: the
 KV-cache size in tokens vLLM reports (blocks x block size), the ratio to stock, how many requests fit at
 once (blocks / blocks per request), the workload's wall time and output tokens per second.
-Engines run eagerly (`enforce_eager=True`) in both rows. Configuration names: "stock" (CPU_ATTN),
+Engines run eagerly (`enforce_eager=True`) in every row. Configuration names: "stock" (CPU_ATTN),
+"fp8" (CPU_ATTN with vLLM's fp8 KV cache, `kv_cache_dtype="fp8"`; needs AVX-512 or AMX),
 "k<ratio>" (SparK keys), "k<ratio>v<ratio>" (SparK keys and pruned values), either with a "vq<bits>"
 suffix (values quantized to 8, 4 or 2 bits: "k0.8vq4"), "dense" (the plugin with dense records: its
 own overhead).
@@ -36,15 +37,20 @@ log = logging.getLogger(__name__)
 ESSAYS = Path(os.environ.get("SPARKKV_DATA", "/work/shared/data")) / "text" / "paul_graham_essays.json"
 
 
+STOCK = {"stock": {}, "fp8": {"kv_cache_dtype": "fp8"}}
+"""Stock vLLM rows (CPU_ATTN) and their LLM(...) arguments: "fp8" is vLLM's own quantized KV cache
+(needs AVX-512 or AMX on CPU), the baseline a vLLM user would pick instead of a plugin."""
+
+
 def config_fields(name: str) -> dict | None:
-    """"stock" -> None; "dense" -> {"method": "dense"}; "k0.8" / "k0.8v0.5" -> SparKConfig fields."""
-    if name == "stock":
+    """"stock" / "fp8" -> None; "dense" -> {"method": "dense"}; "k0.8" / "k0.8v0.5" -> SparKConfig fields."""
+    if name in STOCK:
         return None
     if name == "dense":
         return {"method": "dense"}
     m = re.fullmatch(r"k([0-9.]+)(?:v([0-9.]+))?(?:vq([0-9]+))?", name)
     if not m:
-        raise ValueError(f"unknown configuration {name!r}: expected stock, dense, k<ratio>, k<ratio>v<ratio>, "
+        raise ValueError(f"unknown configuration {name!r}: expected stock, fp8, dense, k<ratio>, k<ratio>v<ratio>, "
                          "optionally followed by vq<value bits> (k0.8vq4)")
     fields = {"key_prune_ratio": float(m.group(1))}
     if m.group(2):
@@ -52,6 +58,14 @@ def config_fields(name: str) -> dict | None:
     if m.group(3):
         fields["value_bits"] = int(m.group(3))
     return fields
+
+
+def engine_kwargs(name: str) -> dict:
+    """The LLM(...) arguments of configuration `name` (besides model, lengths and KV memory)."""
+    fields = config_fields(name)
+    if fields is None:
+        return dict(STOCK[name])
+    return {"attention_backend": "CUSTOM", "additional_config": {"sparkkv": fields}}
 
 
 def _prompts(tokenizer, n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -75,7 +89,7 @@ def run_one(name: str, args) -> dict:
     from .models import vllm_model_dir
 
     fields = config_fields(name)
-    kw = {} if fields is None else {"attention_backend": "CUSTOM", "additional_config": {"sparkkv": fields}}
+    kw = engine_kwargs(name)
     max_len = args.prompt_tokens + args.new_tokens + 16
     if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         kw["kv_cache_memory_bytes"] = args.kv_bytes
@@ -154,14 +168,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 tail = "\n".join(line for line in (done.stdout + done.stderr).strip().splitlines() if "Error" in line or "error" in line)[-3000:]
                 raise RuntimeError(f"configuration {name} failed (exit {done.returncode}):\n{tail}")
             rows.append(json.loads(out.read_text()))
+        if args.json:  # after every row: an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"{name}: {rows[-1]['kv_tokens']:,} KV tokens, {rows[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
     space = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     memory = f"VLLM_CPU_KVCACHE_SPACE={space} GiB" if space else f"kv_cache_memory_bytes={args.kv_bytes:,}"
     print(f"SmolLM2-135M-Instruct, bf16, {memory}; {args.requests} requests x {args.prompt_tokens} prompt tokens, "
           f"{args.new_tokens} new tokens each (greedy, EOS ignored), enforce_eager\n")
     print(format_rows(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
 
 

@@ -10,7 +10,7 @@ seed as `sparkkv eval`), are sent as token ids, decoded greedily for the task's 
 `sparkkv.eval.metrics.score`, as the transformers runner scores them. Each configuration runs in its
 own engine process. `--compare DIR` reads the per-sample scores of a `sparkkv eval --out DIR` run and
 prints, per configuration, both accuracies and the samples on which they differ. Configuration names
-as in `sparkkv.vllm.bench` ("stock", "dense", "k0.8", "k0.8v0.5").
+as in `sparkkv.vllm.bench` ("stock", "fp8", "dense", "k0.8", "k0.8v0.5").
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench import ESSAYS, config_fields
+from .bench import ESSAYS, config_fields, engine_kwargs
 
 
 def _samples(tokenizer, task: str, length: int, n: int, seed: int, haystack: Path):
@@ -42,9 +42,9 @@ def run_one(name: str, args) -> dict:
 
     fields = config_fields(name)
     engine = json.loads(args.engine)
-    kw = dict(engine)
+    kw = {**engine_kwargs(name), **engine}
     if fields is not None:
-        kw.update(attention_backend="CUSTOM", additional_config={"sparkkv": {**fields, **json.loads(args.sparkkv)}})
+        kw["additional_config"] = {"sparkkv": {**fields, **json.loads(args.sparkkv)}}
     base = {"enforce_eager": True, "max_model_len": args.length + 128, "seed": 0,
             "max_num_batched_tokens": max(args.length + 128, 4096)}
     llm = LLM(model=str(vllm_model_dir()), **{**base, **kw})
@@ -113,14 +113,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 tail = "\n".join(line for line in (done.stdout + done.stderr).strip().splitlines() if "Error" in line or "error" in line)[-3000:]
                 raise RuntimeError(f"configuration {name} failed (exit {done.returncode}):\n{tail}")
             rows.append(json.loads(out.read_text()))
+        if args.json:  # after every row: an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         r = rows[-1]
         print(f"{args.task} {args.length} n={args.n} {name} engine={args.engine} sparkkv={args.sparkkv}: "
               f"accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.compare:
         ref = transformers_scores(Path(args.compare), args.task, args.length)
-        labels = args.label or [("dense" if r["config"] in ("stock", "dense") else f"spark k{r['fields']['key_prune_ratio']:g}") for r in rows]
+        labels = args.label or [("dense" if r["fields"] is None or r["config"] == "dense" else f"spark k{r['fields']['key_prune_ratio']:g}") for r in rows]
         for r, label in zip(rows, labels):
             mine = {s["index"]: s["score"] for s in r["samples"]}
             theirs = ref.get(label, {})

@@ -4,13 +4,14 @@ vLLM gives every attention layer a KV cache of `num_blocks` pages; a page holds 
 of every KV head of the layer. This module fixes what a page of the SparK backend holds and how to
 read and write it. Everything else in `sparkkv.vllm` goes through `RecordLayout`.
 
-Page = field regions, then a header (byte offsets are multiples of 16):
+Page = field regions, then a header (byte offsets are multiples of 16); each region is head-major,
+`[H, block_size, elems]`:
 
-    region  k_vals   [block_size, H, T]     model dtype   kept key values, ascending channels
-    region  k_keep   [block_size, H, D/8]   uint8         bit c%8 of byte c//8: channel c kept
-    region  k_sign   [block_size, H, D/8]   uint8         bit set: pruned entry positive (recovery mean/constant)
-    region  k_scale  [block_size, H]        scale dtype   recovery magnitude sqrt(a_t) (recovery mean)
-    region  v        [block_size, H, Dv]    model dtype   the value (value codec "dense"), or
+    region  k_vals   [H, block_size, T]     model dtype   kept key values, ascending channels
+    region  k_keep   [H, block_size, D/8]   uint8         bit c%8 of byte c//8: channel c kept
+    region  k_sign   [H, block_size, D/8]   uint8         bit set: pruned entry positive (recovery mean/constant)
+    region  k_scale  [H, block_size]        scale dtype   recovery magnitude sqrt(a_t) (recovery mean)
+    region  v        [H, block_size, Dv]    model dtype   the value (value codec "dense"), or
     region  v_vals / v_keep / v_scale                     pruned values (codec "pruned": compress_values)
     region  v_codes / v_qscale / v_qzero                  `value_bits`-bit codes of the value (codec "quant")
                                                           or of the pruned values' kept entries (codec
@@ -21,17 +22,19 @@ Page = field regions, then a header (byte offsets are multiples of 16):
                                                           so one record holds all of it)
     header  qn       [H, D]                 float32       the query norms every key of this page was compressed with
 
-(`method="dense"` stores region `k [block_size, H, D]` instead of the four key regions.)
-A token's record is its row of every region: `record_bytes` per (token, KV head) is fixed, so the
-page holds exactly `block_size` tokens and the header costs `H * D * 4` bytes per page.
+(`method="dense"` stores region `k [H, block_size, D]` instead of the four key regions.)
+A token's record is its row of every region (one row per KV head): `record_bytes` per (token, KV
+head) is fixed, so the page holds exactly `block_size` tokens and the header costs `H * D * 4` bytes per page.
 
 The header makes a page self-contained: `chan = 1/sqrt(qn)` (the recovery factor) and the scale of
 every key in the page were computed from the same `qn`, so a page shared by prefix caching decodes the
 same in every request that reads it. `qn` is written by the first write into a page; later tokens
 written into the same page are compressed with the `qn` already there (see `backend.py`).
 
-Field-major regions make per-field reads cheap: gathering a request's pages and slicing one region
-gives the `[S, H, X]` tensor that `PackedTensor` and the fused kernels take, with one copy per field.
+Field-major, head-major regions make per-field reads cheap: a request's pages of one region are
+whole contiguous chunks (`H * block_size * elems`), gathered with one `index_select`; the decode
+kernel takes them as they come, one batch item per page (`gather_pages`), and the per-request path
+transposes them once into `PackedTensor`'s `[H, S, X]` (`gather`).
 
 Value codecs ("dense", "pruned", "quant", "pruned+quant", picked by `_value_codec`): each has its
 regions in `_value_fields`, its encoder in `encode_values` and its reader in `values_operand`; nothing
@@ -61,7 +64,7 @@ def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Region:
-    """One field of the page: `[block_size, H, elems]` of `dtype` starting at byte `offset`."""
+    """One field of the page: `[H, block_size, elems]` of `dtype` starting at byte `offset`."""
 
     name: str
     dtype: torch.dtype
@@ -150,10 +153,22 @@ class RecordLayout:
 
     # --- views over raw pages ------------------------------------------------------------------
     def field(self, pages: torch.Tensor, name: str) -> torch.Tensor:
-        """`pages` uint8 `[P, >= page_bytes]` -> view `[P, block_size, H, elems]` of field `name`."""
+        """`pages` uint8 `[P, >= page_bytes]` -> view `[P, block_size, H, elems]` of field `name` (token
+        first, for writing; the memory is head-major)."""
         r = self.region(name)
         raw = pages[:, r.offset : r.offset + r.nbytes]
-        return raw.view(r.dtype).view(pages.shape[0], self.block_size, self.num_kv_heads, r.elems)
+        return raw.view(r.dtype).view(pages.shape[0], self.num_kv_heads, self.block_size, r.elems).transpose(1, 2)
+
+    def _take(self, pages: torch.Tensor, r: Region, block_ids: torch.Tensor) -> torch.Tensor:
+        """Region `r` of pages `block_ids [N]` (int64) -> uint8 `[N, H, block_size, elems * itemsize]`
+        (one copy of whole per-page chunks)."""
+        raw = pages[:, r.offset : r.offset + r.nbytes]
+        # pages are not one contiguous tensor (vLLM's page stride), so index_select copies element by
+        # element: move the widest integer that divides the region's bytes, offset and page stride
+        wide = next(t for t in (torch.int64, torch.int32, torch.int16, torch.uint8)
+                    if (r.nbytes | r.offset | pages.stride(0) | pages.storage_offset()) % t.itemsize == 0)
+        x = torch.index_select(raw.view(wide), 0, block_ids).view(torch.uint8)
+        return x.view(block_ids.shape[0], self.num_kv_heads, self.block_size, -1)
 
     def header(self, pages: torch.Tensor) -> torch.Tensor:
         """`pages` uint8 `[P, >= page_bytes]` -> view float32 `[P, H, D]` of the pages' `qn`."""
@@ -228,28 +243,23 @@ class RecordLayout:
         """The first `length` tokens held by pages `block_ids` (in order): field -> `[H, length, elems]`
         (contiguous copies, the per-field tensors `PackedTensor` and the kernels take)."""
         out = {}
+        n, h = block_ids.shape[0], self.num_kv_heads
         for r in self.regions:
-            x = self.field(pages, r.name)[block_ids]  # [P, bs, H, e]
-            out[r.name] = x.reshape(-1, self.num_kv_heads, r.elems)[:length].transpose(0, 1).contiguous()
+            x = self._take(pages, r, block_ids).transpose(0, 1).reshape(h, n * self.block_size, -1)
+            out[r.name] = x[:, :length].contiguous().view(r.dtype)
         return out
 
-    def gather_batch(self, pages: torch.Tensor, block_table: torch.Tensor, lengths: list[int]) -> dict[str, torch.Tensor]:
-        """Pages of R requests at once: `block_table [R, nb]` (block ids, row r's first
-        `ceil(lengths[r] / block_size)` valid) -> field -> `[R, H, S, elems]`, `S = nb * block_size`.
-        Slots past a request's length hold whatever the page holds there: the caller masks them (a bias
-        of -inf). They are finite: vLLM zero-fills the KV memory and only `compress_keys` /
+    def gather_pages(self, pages: torch.Tensor, block_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pages `block_ids [N]` (int64) as N items of `block_size` tokens each: field ->
+        `[N, H, block_size, elems]`, one `index_select` copy per field (no transpose: a region is
+        head-major). The decode kernel takes these directly, one batch item per page; slots a page
+        does not hold yet carry whatever the page holds there, for the caller to mask (a bias of
+        -inf). They are finite: vLLM zero-fills the KV memory and only `compress_keys` /
         `compress_values` output (finite by their checks) is ever written."""
-        r_count, nb = block_table.shape
-        s = nb * self.block_size
-        del lengths
-        out = {}
-        for r in self.regions:
-            x = self.field(pages, r.name)[block_table]  # [R, nb, bs, H, e]
-            out[r.name] = x.view(r_count, s, self.num_kv_heads, r.elems).transpose(1, 2).contiguous()
-        return out
+        return {r.name: self._take(pages, r, block_ids).view(r.dtype) for r in self.regions}
 
     def keys_operand(self, fields: dict[str, torch.Tensor], chan: torch.Tensor | None):
-        """Per-field tensors from `gather` (`[H, S, e]`) or `gather_batch` (`[R, H, S, e]`) -> the keys
+        """Per-field tensors from `gather` (`[H, S, e]`) or `gather_pages` (`[R, H, S, e]`) -> the keys
         as `PackedTensor [R, H, S, D]` (R = 1 for `gather`; dense `[R, H, S, D]` for `method="dense"`).
         `chan` float32 `[H, D]` or `[R, H, D]`: the pages' recovery factor."""
         f = {n: t if t.dim() == 4 else t.unsqueeze(0) for n, t in fields.items()}
@@ -263,7 +273,7 @@ class RecordLayout:
             sign=f.get("k_sign"), scale=f["k_scale"].squeeze(-1) if "k_scale" in f else None, chan=chan)
 
     def values_operand(self, fields: dict[str, torch.Tensor]):
-        """Per-field tensors from `gather` / `gather_batch` -> the values as dense `[R, H, S, Dv]`,
+        """Per-field tensors from `gather` / `gather_pages` -> the values as dense `[R, H, S, Dv]`,
         `QuantizedTensor` (codec "quant") or `PackedTensor` (kept values raw or quantized)."""
         f = {n: t if t.dim() == 4 else t.unsqueeze(0) for n, t in fields.items()}
         if self.value_codec == "dense":

@@ -10,7 +10,15 @@ The dict holds `SparKConfig` fields (`key_prune_ratio`, `value_prune_ratio`, `re
     vllm_prefix_caching   bool, default False: keep vLLM's prefix caching. A shared page keeps the
                           query norms of the request that wrote it (its header), so it decodes the
                           same for every reader, but its channels were chosen by another prompt's
-                          queries.
+                          queries. Turns `vllm_recent_tokens` off (a ring is keyed by the request's
+                          first page, which prefix caching shares between requests).
+    vllm_recent_tokens    int in [0, 1024], default 16: each request's last this-many generated
+                          tokens are also kept as exact copies (keys and values, model dtype) in a
+                          per-layer ring outside vLLM's KV pool and attended from there instead of
+                          from their records; the records still hold every token. The transformers
+                          path keeps generated tokens dense until `block_size` of them accumulate;
+                          a record is compressed as it is written, and the needle accuracy measured
+                          through vLLM (docs/vllm.md) is what this buys back. 0 turns it off.
 
 Unknown fields and bad values raise one `ValueError` whose message names the field and the
 allowed values (`SparKConfig.from_dict` does the checking of the library's fields).
@@ -24,6 +32,7 @@ from ..config import SparKConfig
 
 KEY = "sparkkv"
 PLUGIN_OPTIONS = {"vllm_chunked_prefill": False, "vllm_prefix_caching": False}
+RECENT_TOKENS = ("vllm_recent_tokens", 16, 1024)  # name, default, largest
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,7 @@ class Settings:
     config: SparKConfig
     chunked_prefill: bool = False
     prefix_caching: bool = False
+    recent_tokens: int = RECENT_TOKENS[1]
 
 
 def parse(additional_config) -> Settings:
@@ -49,6 +59,12 @@ def parse(additional_config) -> Settings:
         if not isinstance(value, bool):
             raise ValueError(f"sparkkv.vllm: additional_config['{KEY}']['{name}'] must be true or false, got {value!r}")
         options[name] = value
+    name, default, top = RECENT_TOKENS
+    recent = fields.pop(name, default)
+    if isinstance(recent, bool) or not isinstance(recent, int) or not 0 <= recent <= top:
+        raise ValueError(f"sparkkv.vllm: additional_config['{KEY}']['{name}'] must be an integer in [0, {top}], got {recent!r}")
+    if options["vllm_prefix_caching"]:
+        recent = 0
     try:
         config = SparKConfig.from_dict(fields)
         from .records import check_config
@@ -57,7 +73,7 @@ def parse(additional_config) -> Settings:
     except (TypeError, ValueError) as exc:
         message = str(exc).removeprefix("sparkkv.vllm: ")
         raise ValueError(f"sparkkv.vllm: bad additional_config['{KEY}']: {message}") from None
-    return Settings(config, options["vllm_chunked_prefill"], options["vllm_prefix_caching"])
+    return Settings(config, options["vllm_chunked_prefill"], options["vllm_prefix_caching"], recent)
 
 
 _cached: Settings | None = None
