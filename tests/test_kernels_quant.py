@@ -319,7 +319,14 @@ def test_attend_through_cpu_backend_serves_every_part(seed, g):
     want = attend_reference(query, parts, 0.125)
     assert rel(got[:, 0].float().reshape(want.shape), want) < 1e-2  # the output is rounded to bf16
     got32 = ops.attend(query.float(), parts, 0.125, ops.backend("cpu", query.device))
-    assert rel(got32[:, 0].reshape(want.shape), want) < 2e-5
+    # a float32 query gets float32 logits; on an AVX512_BF16 CPU the P.V over the dense tail's bf16
+    # values still takes the bf16 dot (P rounded to bf16, docs/kernels.md: 9e-4 seen on Zen 4), so
+    # there the whole layer is held to the bf16 bound and the quantized parts alone to float32's
+    bf16_pv = cpu.load().has_bf16_dot()
+    assert rel(got32[:, 0].reshape(want.shape), want) < (1e-2 if bf16_pv else 2e-5)
+    quantized = parts[:-1]
+    got32q = ops.attend(query.float(), quantized, 0.125, ops.backend("cpu", query.device))
+    assert rel(got32q[:, 0].reshape(want.shape), attend_reference(query, quantized, 0.125)) < 2e-5
 
 
 QUANT_CONFIGS = {

@@ -20,7 +20,9 @@ def test_quick_start_example_runs():
     code = re.search(r"```python\n(.*?)\n```", block, re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README quick start", "exec"), namespace)
-    assert namespace["out"].shape[1] == 620
+    # the prompt (600) and up to 20 new tokens: a random model may emit its EOS id early (605 was
+    # seen on a Zen 4 CPU, whose matmuls round differently)
+    assert 600 < namespace["out"].shape[1] <= 620
     assert namespace["cache"].nbytes > 0
 
 
