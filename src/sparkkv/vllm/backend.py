@@ -160,8 +160,11 @@ class Recent:
         self.k = like_k.new_empty(capacity, *like_k.shape[1:])
         self.v = like_v.new_empty(capacity, *like_v.shape[1:])
         self.end = end
-        self.filled = 0
         self.written = 0
+
+    @property
+    def filled(self) -> int:
+        return min(self.k.shape[0], self.written)
 
     def push(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append the step's tokens `k [L, Hkv, D]`, `v [L, Hkv, Dv]` (only the last W are kept)."""
@@ -171,7 +174,6 @@ class Recent:
             self.k[slot], self.v[slot] = k[i], v[i]
         self.written += n
         self.end += n
-        self.filled = min(w, self.filled + n)
 
 
 class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
