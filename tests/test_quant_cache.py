@@ -68,7 +68,8 @@ def test_bytes_are_the_formula(seed):
     t = d - int(0.8 * d)
     assert isinstance(k, PackedTensor) and isinstance(k.vals, QuantizedTensor) and k.vals.zero is None
     assert k.vals.axis == "channel"  # one float16 scale per channel and group of g tokens
-    per_row = math.ceil(t * 4 / 8) + math.ceil(d / 5) + 4  # codes, trits, fp32 recovery scale
+    assert k.scale.dtype == torch.bfloat16  # the recovery scale too is small beside codes (packed.py)
+    per_row = math.ceil(t * 4 / 8) + math.ceil(d / 5) + 2  # codes, trits, bf16 recovery scale (float32 model)
     # + the per-channel scales, + the per-head chan vector (float32)
     assert k.nbytes == b * h * (s * per_row + math.ceil(s / g) * d * 2 + d * 4)
     think = layer(method="think", key_prune_ratio=0.5, key_bits=2)

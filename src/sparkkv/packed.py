@@ -14,7 +14,8 @@ A `PackedTensor` stands for a `[B, H, S, D]` tensor (keys, or values) in which e
     sign   uint8 [B, H, S, D/8] or None: bit set when the pruned entry is positive.
     trits  uint8 [B, H, S, ceil(D/5)] or None: keep and sign in one ternary code, 1.6 bits per
            channel (`pack_trits`); when stored, `keep` and `sign` are None.
-    scale  [B, H, S] model dtype, or None: one recovery magnitude per row.
+    scale  [B, H, S] model dtype (bfloat16 beside quantized kept values), or None: one recovery
+           magnitude per row.
     chan   float32 [B, H, D], or None: one factor per channel, shared by all rows of a head.
     fill   1-D model dtype, or None: explicit pruned entries (sampled recoveries only).
 
@@ -35,7 +36,10 @@ search), `to(device)` and `tensors()` / `nbytes`. The cache stores chunks and re
 this protocol only; what a fused kernel reads from each kind is decided in `kernels/operands.py`.
 
 Scale dtype: `scale` is stored in the model dtype, except for float16 models, where it is float32
-(a recovery magnitude or a mean can exceed float16's 65504).
+(a recovery magnitude or a mean can exceed float16's 65504). Beside quantized kept values
+(`with_quantized_vals`) it is bfloat16 whatever the model dtype (`QUANTIZED_SCALE_DTYPE`): the
+float32 range, and a relative error of at most 2^-9, far under the 4-bit codes' half step, for
+2 bytes per row instead of 4 in float32 and float16 models (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -62,7 +66,16 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if d % 8:
         raise ValueError(f"cannot pack {d} channels into bytes: the channel count must be a multiple of 8")
     grouped = mask.reshape(*mask.shape[:-1], d // 8, 8).to(torch.uint8)
-    return (grouped * _bit_weights(mask.device)).sum(-1, dtype=torch.uint8)
+    return _weighted_bytes(grouped, 2)
+
+
+def _weighted_bytes(digits: torch.Tensor, base: int) -> torch.Tensor:
+    """uint8 `[..., n, k]` -> uint8 `[..., n]`: `sum_j digits[..., j] * base^j`, by Horner's rule
+    (a sum over a last axis of 5 or 8 is slow in torch)."""
+    out = digits[..., -1]
+    for j in range(digits.shape[-1] - 2, -1, -1):
+        out = out * base + digits[..., j]
+    return out.contiguous()
 
 
 def unpack_bits(bits: torch.Tensor, dim: int) -> torch.Tensor:
@@ -89,12 +102,10 @@ _POW3 = (1, 3, 9, 27, 81)
 def pack_trits(keep: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """bool `keep [..., D]` and `positive [..., D]` -> uint8 `[..., ceil(D / 5)]` (see above)."""
     d = keep.shape[-1]
-    trit = torch.where(keep, 0, torch.where(positive, 2, 1)).to(torch.uint8)
-    pad = (-d) % 5
-    if pad:
-        trit = torch.cat([trit, trit.new_zeros(*trit.shape[:-1], pad)], dim=-1)
-    weights = torch.tensor(_POW3, dtype=torch.uint8, device=keep.device)
-    return (trit.reshape(*trit.shape[:-1], -1, 5) * weights).sum(-1, dtype=torch.uint8)
+    trit = (~keep).to(torch.uint8) + (positive & ~keep).to(torch.uint8)
+    if d % 5:
+        trit = torch.nn.functional.pad(trit, (0, (-d) % 5))
+    return _weighted_bytes(trit.reshape(*trit.shape[:-1], -1, 5), 3)
 
 
 def unpack_trits(trits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +116,14 @@ def unpack_trits(trits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Ten
     return digits == 0, digits == 2
 
 
-def scale_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Storage dtype of per-row scalars for a model dtype (float32 where float16 could overflow)."""
+QUANTIZED_SCALE_DTYPE = torch.bfloat16  # per-row recovery scale beside quantized kept values (module docstring)
+
+
+def scale_dtype(dtype: torch.dtype, quantized: bool = False) -> torch.dtype:
+    """Storage dtype of per-row scalars for a model dtype: float32 where float16 could overflow;
+    `QUANTIZED_SCALE_DTYPE` beside quantized kept values (`quantized`)."""
+    if quantized:
+        return QUANTIZED_SCALE_DTYPE
     return torch.float32 if dtype == torch.float16 else dtype
 
 
@@ -261,7 +278,8 @@ class PackedTensor:
             raise ValueError("kept values are quantized for fixed-T packed tensors without explicit fill values")
         channels = self.kept_channels() if axis == "channel" else None
         width = self.shape[-1] if axis == "channel" else 0
-        return replace(self, vals=QuantizedTensor.quantize(self.vals, bits, group, axis, symmetric, valid, channels, width))
+        vals = QuantizedTensor.quantize(self.vals, bits, group, axis, symmetric, valid, channels, width)
+        return replace(self, vals=vals, scale=None if self.scale is None else self.scale.to(scale_dtype(self.dtype, quantized=True)))
 
     # --- reading ---------------------------------------------------------------------------
     @property

@@ -54,13 +54,14 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.to(torch.uint8)
     per = 8 // bits
     n = codes.shape[-1]
-    pad = (-n) % per
     c = codes.to(torch.uint8)
-    if pad:
-        c = torch.cat([c, c.new_zeros(*c.shape[:-1], pad)], dim=-1)
+    if n % per:
+        c = torch.nn.functional.pad(c, (0, (-n) % per))
     c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=c.device)
-    return (c << shifts).sum(-1, dtype=torch.uint8)
+    out = c[..., per - 1]  # shifts and ors by hand: a sum over a last axis of 2 or 4 is slow in torch
+    for j in range(per - 2, -1, -1):
+        out = (out << bits) | c[..., j]
+    return out.contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -96,25 +97,25 @@ def _ungroup(g: torch.Tensor, axis: str, shape, offset: int = 0) -> torch.Tensor
     return g.transpose(3, 4).reshape(b, h, -1, n)[:, :, offset : offset + s]
 
 
-# Entries that take no part in a group's statistics (padding, filler slots) are marked with this
-# sentinel: no real key or value is this large, and `_masked` skips it.
+# Entries that take no part in a group's statistics (padding, filler slots: `valid` False) count as
+# 0 in a symmetric group's max |x| (no group's maximum is below 0), and as this sentinel in an
+# asymmetric group's min and max (no real key or value is this large, and `_masked` skips it).
 _HIDDEN = 3.0e38
 
 
-def _hide_invalid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """`x [B, H, S, N]` with the tokens `valid` marks False replaced by the sentinel."""
-    b, h, s, _ = x.shape
+def _valid_view(valid: torch.Tensor, shape) -> torch.Tensor:
+    """bool `[B, S]` or `[B, H, S]` -> broadcastable to `shape [B, H, S, N]`."""
+    b, h, s, _ = shape
     v = valid if valid.dim() == 3 else valid.unsqueeze(1)
-    return torch.where(v.expand(b, h, s).unsqueeze(-1), x, torch.full_like(x, _HIDDEN))
+    return v.expand(b, h, s).unsqueeze(-1)
 
 
-def _masked(g: torch.Tensor, reduce, abs_: bool = False) -> torch.Tensor:
+def _masked(g: torch.Tensor, reduce) -> torch.Tensor:
     """`reduce` (amin / amax) over the last axis of a group view, skipping hidden entries; 0 for a
     group with no real entry."""
     hidden = g == _HIDDEN
-    vals = g.abs() if abs_ else g
     fill = float("inf") if reduce is torch.amin else float("-inf")
-    out = reduce(torch.where(hidden, torch.full_like(vals, fill), vals), -1)
+    out = reduce(torch.where(hidden, torch.full_like(g, fill), g), -1)
     return torch.where(hidden.all(-1), torch.zeros_like(out), out)
 
 
@@ -178,28 +179,31 @@ class QuantizedTensor:
         big, eps = torch.finfo(sdtype).max, torch.finfo(sdtype).eps  # statistics beyond the range saturate
         offset = (-x.shape[2]) % group if axis != "row" else 0
         xf = x.float()
-        if axis != "row" and valid is not None:
-            xf = _hide_invalid(xf, valid)
+        hide = axis != "row" and valid is not None
         # The stored zero is rounded down and the scale up (by one unit of the scale dtype's precision),
         # so every element's code lies in [0, 2^bits - 1] and its error stays within half a step.
         sym_scale = lambda amax: (2 * amax / levels * (1 + eps)).clamp(max=big).to(sdtype)  # noqa: E731
         sym_codes = lambda v, s: torch.round(v / torch.where(s > 0, s, 1.0) + levels / 2)  # noqa: E731
-        if axis == "channel":  # each value at its channel; channels a row does not keep are hidden
-            b, h, s, _ = x.shape
-            full = torch.full((b, h, s, width), _HIDDEN, dtype=torch.float32, device=x.device)
-            scale = sym_scale(_masked(_group_view(full.scatter_(-1, channels, xf), "token", group, offset), torch.amax, abs_=True))
-            codes = sym_codes(xf, _expand(scale.float(), axis, x.shape, group, offset, channels))
-            return cls(tuple(x.shape), x.dtype, pack_codes(_finite_codes(codes, levels), bits), scale, None, bits, group,
-                       axis, offset, width)
-        g = _group_view(xf, axis, group, offset)
-        if symmetric:
-            scale = sym_scale(_masked(g, torch.amax, abs_=True))
-            codes = sym_codes(g, scale.float().unsqueeze(-1))
+        if symmetric:  # group statistic: max |x|, hidden entries as 0 (a NaN still spreads over its group)
+            a = xf.abs()
+            if hide:
+                a = torch.where(_valid_view(valid, x.shape), a, 0.0)
+            if axis == "channel":  # each value at its channel; channels a row does not keep are 0 too
+                b, h, s, _ = x.shape
+                a = torch.zeros((b, h, s, width), dtype=torch.float32, device=x.device).scatter_(-1, channels, a)
+                scale = sym_scale(_group_view(a, "token", group, offset).amax(-1))
+                codes = sym_codes(xf, _expand(scale.float(), axis, x.shape, group, offset, channels))
+                return cls(tuple(x.shape), x.dtype, pack_codes(_finite_codes(codes, levels), bits), scale, None, bits,
+                           group, axis, offset, width)
+            scale = sym_scale(_group_view(a, axis, group, offset).amax(-1))
+            codes = sym_codes(_group_view(xf, axis, group, offset), scale.float().unsqueeze(-1))
             zero = None
         else:
-            lo = _masked(g, torch.amin)
+            g = _group_view(torch.where(_valid_view(valid, x.shape), xf, _HIDDEN) if hide else xf, axis, group, offset)
+            stat = _masked if hide else (lambda t, reduce: reduce(t, -1))
+            lo = stat(g, torch.amin)
             zero = (lo - lo.abs() * eps).clamp(-big, big).to(sdtype)
-            scale = ((_masked(g, torch.amax) - zero.float()) / levels * (1 + eps)).clamp(max=big).to(sdtype)
+            scale = ((stat(g, torch.amax) - zero.float()) / levels * (1 + eps)).clamp(max=big).to(sdtype)
             s = scale.float().unsqueeze(-1)
             codes = torch.round((g - zero.float().unsqueeze(-1)) / torch.where(s > 0, s, 1.0))
         codes = _ungroup(_finite_codes(codes, levels), axis, x.shape, offset)

@@ -19,7 +19,9 @@ Page = field regions, then a header (byte offsets are multiples of 16); each reg
                                                           codes `[ceil(N * bits / 8)]`, a scale and zero per
                                                           group of `quant_group_size` channels of the token
                                                           (`quant.QuantizedTensor`, axis "row": per token,
-                                                          so one record holds all of it)
+                                                          so one record holds all of it); v_scale is then
+                                                          bfloat16, as beside any quantized kept values
+                                                          (`packed.scale_dtype`)
     header  qn       [H, D]                 float32       the query norms every key of this page was compressed with
 
 (`method="dense"` stores region `k [H, block_size, D]` instead of the four key regions.)
@@ -49,17 +51,12 @@ import torch
 
 from ..config import SparKConfig
 from ..method import compress_keys, compress_values
-from ..packed import PackedTensor
+from ..packed import PackedTensor, scale_dtype
 from ..quant import QuantizedTensor
 
 _ALIGN = 16
 KEY_CODECS = ("spark", "dense")
 VALUE_CODECS = ("dense", "pruned", "quant", "pruned+quant")
-
-
-def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Per-row scalars are float32 for float16 models (a magnitude can exceed 65504), as in `packed.py`."""
-    return torch.float32 if dtype == torch.float16 else dtype
 
 
 @dataclass(frozen=True)
@@ -109,7 +106,7 @@ class RecordLayout:
         key_codec = "dense" if config.channel_policy == "dense" else "spark"
         value_codec = _value_codec(config)
         t, tv = _kept_counts(config, key_codec, num_kv_heads, head_dim, dv)
-        sdt = _scale_dtype(dtype)
+        sdt = scale_dtype(dtype)
         fields: list[tuple[str, torch.dtype, int]] = []
         if key_codec == "dense":
             fields.append(("k", dtype, head_dim))
@@ -211,10 +208,12 @@ class RecordLayout:
             q = QuantizedTensor.quantize(seq(v), config.value_bits, config.quant_group_size, "row")
             return {"v_codes": row(q.codes), "v_qscale": row(q.scale), "v_qzero": row(q.zero)}
         packed = compress_values(seq(v), config.value_prune_ratio)
+        if self.value_codec == "pruned+quant":
+            packed = packed.with_quantized_vals(config.value_bits, config.quant_group_size, symmetric=False)
         out = {"v_keep": row(packed.keep), "v_scale": row(packed.scale.unsqueeze(-1))}
         if self.value_codec == "pruned":
             return {"v_vals": row(packed.vals), **out}
-        q = packed.with_quantized_vals(config.value_bits, config.quant_group_size, symmetric=False).vals
+        q = packed.vals
         return {"v_codes": row(q.codes), "v_qscale": row(q.scale), "v_qzero": row(q.zero), **out}
 
     def write(self, pages: torch.Tensor, page_idx: torch.Tensor, offsets: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
@@ -334,7 +333,7 @@ def _value_fields(config: SparKConfig, dtype: torch.dtype, dv: int, tv: int) -> 
     else:
         fields = [("v_vals" if pruned else "v", dtype, n)]
     if pruned:
-        fields += [("v_keep", torch.uint8, dv // 8), ("v_scale", _scale_dtype(dtype), 1)]
+        fields += [("v_keep", torch.uint8, dv // 8), ("v_scale", scale_dtype(dtype, quantized=config.value_bits < 16), 1)]
     return fields
 
 
