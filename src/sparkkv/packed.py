@@ -50,7 +50,7 @@ from typing import Protocol
 import torch
 
 from .quant import QuantizedTensor
-from .tensors import compact, storage_nbytes
+from .tensors import compact, horner_bytes, storage_nbytes
 
 # Bit weights of one byte: channel c of a row lives in byte c // 8 at bit c % 8.
 _BIT_WEIGHTS = tuple(1 << i for i in range(8))
@@ -66,16 +66,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if d % 8:
         raise ValueError(f"cannot pack {d} channels into bytes: the channel count must be a multiple of 8")
     grouped = mask.reshape(*mask.shape[:-1], d // 8, 8).to(torch.uint8)
-    return _weighted_bytes(grouped, 2)
-
-
-def _weighted_bytes(digits: torch.Tensor, base: int) -> torch.Tensor:
-    """uint8 `[..., n, k]` -> uint8 `[..., n]`: `sum_j digits[..., j] * base^j`, by Horner's rule
-    (a sum over a last axis of 5 or 8 is slow in torch)."""
-    out = digits[..., -1]
-    for j in range(digits.shape[-1] - 2, -1, -1):
-        out = out * base + digits[..., j]
-    return out.contiguous()
+    return horner_bytes(grouped, 2)
 
 
 def unpack_bits(bits: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,7 +96,7 @@ def pack_trits(keep: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     trit = (~keep).to(torch.uint8) + (positive & ~keep).to(torch.uint8)
     if d % 5:
         trit = torch.nn.functional.pad(trit, (0, (-d) % 5))
-    return _weighted_bytes(trit.reshape(*trit.shape[:-1], -1, 5), 3)
+    return horner_bytes(trit.reshape(*trit.shape[:-1], -1, 5), 3)
 
 
 def unpack_trits(trits: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

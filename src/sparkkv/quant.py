@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .tensors import compact, storage_nbytes
+from .tensors import compact, horner_bytes, storage_nbytes
 
 BITS = (8, 4, 2)
 AXES = ("row", "token", "channel")
@@ -57,11 +57,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.uint8)
     if n % per:
         c = torch.nn.functional.pad(c, (0, (-n) % per))
-    c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
-    out = c[..., per - 1]  # shifts and ors by hand: a sum over a last axis of 2 or 4 is slow in torch
-    for j in range(per - 2, -1, -1):
-        out = (out << bits) | c[..., j]
-    return out.contiguous()
+    return horner_bytes(c.reshape(*c.shape[:-1], c.shape[-1] // per, per), 1 << bits)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

@@ -25,3 +25,13 @@ def compact(t: torch.Tensor | None) -> torch.Tensor | None:
     if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
         return t
     return t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+
+
+def horner_bytes(digits: torch.Tensor, base: int) -> torch.Tensor:
+    """uint8 `[..., n, k]` digits -> uint8 `[..., n]`: `sum_j digits[..., j] * base^j` by Horner's rule
+    (the caller keeps the result under 256). Bit masks, ternary codes and 4/2-bit codes are packed
+    this way: a `sum` over a last axis of 2 to 8 elements is slow in torch."""
+    out = digits[..., -1]
+    for j in range(digits.shape[-1] - 2, -1, -1):
+        out = out * base + digits[..., j]
+    return out.contiguous()
