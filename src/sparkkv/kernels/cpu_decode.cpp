@@ -1118,24 +1118,31 @@ namespace avx2 {
 inline int64_t round8(int64_t x) { return (x + 7) / 8 * 8; }
 
 struct Tables {
-  // perm[b][l]: for keep byte b, the rank of lane l among b's set lanes (for set lanes; any lane
-  // index for the others, which the blend discards)
+  // perm[b][l]: for keep byte b, the rank of lane l among b's set lanes (set lanes), or the sign
+  // bit alone (clear lanes): vpermps reads only the low 3 bits, and the sign bit is the blend mask
+  // that picks the fill there
   alignas(32) int32_t perm[256][8];
-  // trit[b]: bits 0-4: digit j of byte b is 0 (kept); bits 5-9: digit j is 2 (pruned, positive)
-  uint16_t trit[256];
+  // neg[b][l]: the float sign bit where bit l of sign byte b is clear (the pruned entry is negative)
+  alignas(32) uint32_t neg[256][8];
+  // ternary code byte b (five base-3 digits): keep5[b] bit j: digit j is 0 (kept); pos5[b] bit j:
+  // digit j is 2 (pruned, positive)
+  uint8_t keep5[256], pos5[256];
   Tables() {
     for (int b = 0; b < 256; ++b) {
       int r = 0;
       for (int l = 0; l < 8; ++l) {
-        perm[b][l] = std::min(r, 7);
-        r += (b >> l) & 1;
+        const bool set = (b >> l) & 1;
+        perm[b][l] = set ? r : int32_t(0x80000000u);
+        neg[b][l] = set ? 0u : 0x80000000u;
+        r += set;
       }
-      int v = b, e = 0;
+      int v = b, k = 0, p = 0;
       for (int j = 0; j < 5; ++j, v /= 3) {
-        if (v % 3 == 0) e |= 1 << j;
-        if (v % 3 == 2) e |= 1 << (5 + j);
+        if (v % 3 == 0) k |= 1 << j;
+        if (v % 3 == 2) p |= 1 << j;
       }
-      trit[b] = uint16_t(e);
+      keep5[b] = uint8_t(k);
+      pos5[b] = uint8_t(p);
     }
   }
 };
@@ -1144,32 +1151,27 @@ inline const Tables& tables() {
   return t;
 }
 
-// A row's ternary code -> keep and sign (positive) bytes, D / 8 of each (D % 8 == 0); the buffers
-// take 4 bytes of slack.
+// A row's ternary code -> keep and sign (positive) bytes, D / 8 of each (D % 8 == 0): eight code
+// bytes (40 channels) at a time into five output bytes; the buffers take 16 bytes of slack.
 inline void decode_trits(const uint8_t* tr, int64_t D, uint8_t* kb, uint8_t* sb) {
-  const uint16_t* lut = tables().trit;
-  const int64_t nb = (D + 4) / 5, d8 = D / 8;
-  uint64_t k = 0, s = 0;
-  int bits = 0;
-  int64_t out = 0;
-  for (int64_t j = 0; j < nb; ++j) {
-    const uint32_t e = lut[tr[j]];
-    k |= uint64_t(e & 31u) << bits;
-    s |= uint64_t(e >> 5) << bits;
-    bits += 5;
-    if (bits >= 32) {
-      const uint32_t k32 = uint32_t(k), s32 = uint32_t(s);
-      std::memcpy(kb + out, &k32, 4);
-      std::memcpy(sb + out, &s32, 4);
-      k >>= 32;
-      s >>= 32;
-      bits -= 32;
-      out += 4;
+  const Tables& t = tables();
+  const int64_t nb = (D + 4) / 5;
+  for (int64_t j = 0, out = 0; j < nb; j += 8, out += 5) {
+    const int64_t n = std::min<int64_t>(8, nb - j);
+    uint64_t k = 0, s = 0;
+    if (n == 8) {
+      for (int i = 0; i < 8; ++i) {
+        k |= uint64_t(t.keep5[tr[j + i]]) << (5 * i);
+        s |= uint64_t(t.pos5[tr[j + i]]) << (5 * i);
+      }
+    } else {
+      for (int i = 0; i < n; ++i) {
+        k |= uint64_t(t.keep5[tr[j + i]]) << (5 * i);
+        s |= uint64_t(t.pos5[tr[j + i]]) << (5 * i);
+      }
     }
-  }
-  for (; out < d8; ++out, k >>= 8, s >>= 8) {
-    kb[out] = uint8_t(k);
-    sb[out] = uint8_t(s);
+    std::memcpy(kb + out, &k, 8);
+    std::memcpy(sb + out, &s, 8);
   }
 }
 
@@ -1283,8 +1285,8 @@ struct Rows {
         std::memcpy(chan.data(), o.chan + bh * o.D, o.D * sizeof(float));
       }
       kv.assign(o.D + 8, 0.f);
-      kb.assign(o.d8() + 8, 0);
-      sb.assign(o.d8() + 8, 0);
+      kb.assign(o.d8() + 16, 0);
+      sb.assign(o.d8() + 16, 0);
     }
   }
 
@@ -1330,26 +1332,21 @@ struct Rows {
     }
     values(row, off, n, kv.data());
     const Tables& tab = tables();
-    const __m256i bitsel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256 sv = _mm256_set1_ps(o.scale_at(row)), negz = _mm256_set1_ps(-0.f);
+    const __m256 sv = _mm256_set1_ps(o.scale_at(row));
     const float* chp = chan.empty() ? nullptr : chan.data();
     const float* qs = o.quantized() && o.q.channel ? ts.s.data() : nullptr;  // per-channel scales of the row's group
     int64_t p = 0;
     for (int64_t c = 0; c < o.D; c += 8) {
       const unsigned b = k[c >> 3];
-      __m256 x =
-          _mm256_permutevar8x32_ps(_mm256_loadu_ps(kv.data() + p), _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.perm[b])));
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.perm[b]));
+      __m256 x = _mm256_permutevar8x32_ps(_mm256_loadu_ps(kv.data() + p), perm);
       if (qs) x = _mm256_mul_ps(x, _mm256_loadu_ps(qs + c));
       __m256 f = _mm256_setzero_ps();
       if (fill) {
         f = chp ? _mm256_mul_ps(sv, _mm256_loadu_ps(chp + c)) : sv;
-        if (sign) {  // negative where the sign bit is clear
-          const __m256i neg = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(s[c >> 3])), bitsel), _mm256_setzero_si256());
-          f = _mm256_xor_ps(f, _mm256_and_ps(_mm256_castsi256_ps(neg), negz));
-        }
+        if (sign) f = _mm256_xor_ps(f, _mm256_load_ps(reinterpret_cast<const float*>(tab.neg[s[c >> 3]])));
       }
-      const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(b)), bitsel), bitsel);
-      _mm256_storeu_ps(out + c, _mm256_blendv_ps(f, x, _mm256_castsi256_ps(kept)));
+      _mm256_storeu_ps(out + c, _mm256_blendv_ps(x, f, _mm256_castsi256_ps(perm)));  // fill where not kept
       p += __builtin_popcount(b);
     }
   }
