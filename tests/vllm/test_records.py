@@ -143,3 +143,85 @@ def test_bench_configuration_names():
     assert config_fields("k0.8v0.5vq2") == {"key_prune_ratio": 0.8, "value_prune_ratio": 0.5, "value_bits": 2}
     with pytest.raises(ValueError, match="vq<value bits>"):
         config_fields("k0.8q4")
+
+
+def _strided_pages(num_pages: int, page_bytes: int, pad: int = 48) -> torch.Tensor:
+    """Pages as vLLM lays them out: `page_bytes` used of every `page_bytes + pad` (its page stride)."""
+    raw = torch.zeros(num_pages * (page_bytes + pad), dtype=torch.uint8)
+    return torch.as_strided(raw, (num_pages, page_bytes), (page_bytes + pad, 1))
+
+
+@pytest.mark.parametrize("fields", [
+    {"method": "dense"}, {"key_prune_ratio": 0.8}, {"key_prune_ratio": 0.5, "recovery": "zero"},
+    {"key_prune_ratio": 0.8, "recovery": "constant"}, {"key_prune_ratio": 0.8, "value_prune_ratio": 0.5},
+    {"key_prune_ratio": 0.8, "value_bits": 4, "quant_group_size": 32}, {"key_prune_ratio": 0.0, "value_bits": 8},
+    {"key_prune_ratio": 0.8, "value_prune_ratio": 0.5, "value_bits": 2, "quant_group_size": 16},
+])
+@pytest.mark.parametrize("dtype,kv_heads,group,head_dim,block_size", [
+    (torch.bfloat16, 3, 3, 64, 16), (torch.float32, 2, 4, 128, 8), (torch.float16, 1, 8, 32, 16), (torch.bfloat16, 4, 1, 64, 32),
+    (torch.bfloat16, 2, 2, 64, 16),
+])
+@pytest.mark.parametrize("path", ["auto", "float32", "avx2", "portable"])
+def test_kernel_reads_pages_in_place_as_gathered(seed, fields, dtype, kv_heads, group, head_dim, block_size, path):
+    """`decode_partials(..., pages=, block_ids=)` over `page_operands` (the pages read in place, vLLM's
+    page stride, scattered and repeated block ids, some slots masked) equals the same kernel over
+    `gather_pages` copies exactly, and a float64 reference over the library's dense rebuild."""
+    from sparkkv.kernels import cpu
+    from sparkkv.kernels.reference import merge_partials
+
+    if cpu.unavailable_reason(path == "portable"):
+        pytest.skip(f"the CPU kernel is unavailable: {cpu.unavailable_reason(path == 'portable')}")
+    config = sparkkv.SparKConfig(**fields)
+    layout = RecordLayout.create(config, kv_heads, head_dim, block_size, dtype)
+    pages = _strided_pages(11, layout.page_bytes)
+    n = 7 * block_size
+    keys, values = torch.randn(n, kv_heads, head_dim).to(dtype), torch.randn(n, kv_heads, head_dim).to(dtype)
+    qn = torch.rand(kv_heads, head_dim) + 0.1
+    stored = torch.randperm(10)[:7] + 1  # page 0 holds nothing: the operands only describe its bytes
+    pos = torch.arange(n)
+    layout.write(pages, stored[pos // block_size], pos % block_size,
+                 {**layout.encode_keys(keys, qn), **layout.encode_values(values)})
+    items = torch.cat([stored[torch.randperm(7)], stored[:2]])  # [9] kernel items, a page read twice
+    b = items.shape[0]
+    chan = layout.chan(qn.expand(b, kv_heads, head_dim).contiguous()) if layout.key_codec == "spark" else None
+    rows = torch.randn(b, kv_heads, group, head_dim).to(dtype if dtype == torch.bfloat16 else torch.float32)
+    bias = torch.zeros(b, 1, block_size)
+    bias[0, 0, 3:] = float("-inf")
+    bias[1] = float("-inf")  # an item that sees nothing
+    scale = head_dim**-0.5
+    k_in, v_in = layout.page_operands(pages, chan)
+    got = cpu.decode_partials(rows, k_in, v_in, scale, bias=bias, path=path, pages=pages, block_ids=items)
+    f = layout.gather_pages(pages, items)
+    k_op, v_op = layout.keys_operand(f, chan), layout.values_operand(f)
+    want = cpu.decode_partials(rows, k_op, v_op, scale, bias=bias, path=path)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+    kd = k_op.dense(torch.float64) if hasattr(k_op, "dense") else k_op.double()
+    vd = v_op.dense(torch.float64) if hasattr(v_op, "dense") else v_op.double()
+    logits = torch.einsum("bhgd,bhsd->bhgs", rows.double(), kd) * scale + bias.double().unsqueeze(1)
+    ref = torch.einsum("bhgs,bhsd->bhgd", torch.nan_to_num(logits.softmax(-1)), vd)
+    out = merge_partials([got])
+    tol = 2e-2 if path == "auto" else 1e-4
+    torch.testing.assert_close(out[2:].double(), ref[2:], rtol=tol, atol=tol)
+    torch.testing.assert_close(out[0].double(), ref[0], rtol=tol, atol=tol)
+
+
+def test_kernel_refuses_bad_pages():
+    from sparkkv.kernels import cpu
+
+    if cpu.unavailable_reason():
+        pytest.skip(f"the CPU kernel is unavailable: {cpu.unavailable_reason()}")
+    layout = RecordLayout.create(sparkkv.SparKConfig(key_prune_ratio=0.8), 2, 64, 16, torch.bfloat16)
+    pages = _strided_pages(4, layout.page_bytes)
+    chan = layout.chan(torch.rand(2, 2, 64) + 0.1)
+    k_in, v_in = layout.page_operands(pages, chan)
+    rows = torch.randn(2, 2, 2, 64)
+    with pytest.raises(RuntimeError, match=r"block_ids must lie in \[0, 4\)"):
+        cpu.decode_partials(rows, k_in, v_in, 0.125, pages=pages, block_ids=torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="pages and block_ids go together"):
+        cpu.decode_partials(rows, k_in, v_in, 0.125, pages=pages)
+    k_far, _ = layout.page_operands(pages[1:], chan)  # fields of page 1, not of page 0
+    with pytest.raises(RuntimeError, match="views of the first page"):
+        cpu.decode_partials(rows, k_far, v_in, 0.125, pages=pages, block_ids=torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match=r"chan must be contiguous float32 \[2, 2, 64\]"):
+        cpu.decode_partials(rows, layout.page_operands(pages, chan[:1])[0], v_in, 0.125, pages=pages, block_ids=torch.tensor([0, 1]))

@@ -86,6 +86,9 @@ def _fields(x) -> tuple[list[torch.Tensor], list[int]]:
     return tensors, [f.bits, f.group, f.axis_code, f.offset, f.fixed_t if f.quantized else 0]
 
 
+_EMPTY8, _EMPTY64 = torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+
+
 def _query(query_rows: torch.Tensor) -> torch.Tensor:
     """bf16 query rows stay bf16 (the bf16 dot-product path), anything else becomes float32."""
     q = query_rows if query_rows.dtype == torch.bfloat16 else query_rows.float()
@@ -107,7 +110,8 @@ def _module_for(path: str):
     return module
 
 
-def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits: int | None = None, *, path: str = "auto"):
+def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits: int | None = None, *, path: str = "auto",
+                    pages: torch.Tensor | None = None, block_ids: torch.Tensor | None = None):
     """Online-softmax partials of `query_rows [B, H, M, D]` over one (keys, values) chunk.
 
     keys: `PackedTensor` (fixed or variable T, no explicit fill; keep + sign bits or a ternary
@@ -117,6 +121,11 @@ def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits:
     all M rows. splits: pieces of the sequence per (batch, kv-head) (default `default_splits`).
     path: "auto" (fastest), "float32" (no bf16 rounding), "avx2" (no AVX-512) or "portable"
     (scalar build).
+    pages, block_ids: read the operands in place from KV pages (the vLLM backend's records): `pages`
+    uint8 `[P, page bytes]` (rows may lie further apart, vLLM's page stride), `block_ids` int64 `[B]`;
+    keys and values (`operands.Fields` or operands) then describe page 0 (`[1, H, S, ...]` views of
+    `pages[0]`), except `chan`, `[B, H, D]`, and batch item b reads the same bytes of page
+    `block_ids[b]`. Their values per row must be fixed.
 
     Returns float32 `m [B, H, P, M]`, `l [B, H, P, M]`, `acc [B, H, P, M, Dv]`; a split that saw only
     masked tokens has m = -inf, l = 0, acc = 0. `merge_partials([...])` -> `[B, H, M, Dv]`.
@@ -130,7 +139,9 @@ def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits:
     if query_rows.dim() != 4:
         raise ValueError(f"query_rows must be [B, H, M, D], got shape {tuple(query_rows.shape)}")
     b, h, m, d = query_rows.shape
-    if tuple(keys.shape[:2]) != (b, h) or keys.shape[3] != d:
+    if (pages is None) != (block_ids is None):
+        raise ValueError("pages and block_ids go together: give both or neither")
+    if tuple(keys.shape[:2]) != (1 if pages is not None else b, h) or keys.shape[3] != d:
         raise ValueError(f"keys {tuple(keys.shape)} do not match query rows {tuple(query_rows.shape)} in batch, heads or head_dim")
     s, dv = keys.shape[2], values.shape[3]
     if bias is not None:
@@ -147,6 +158,7 @@ def decode_partials(query_rows, keys, values, scaling: float, bias=None, splits:
     return module.decode_partials(
         _query(query_rows), *_fields(keys), *_fields(values), bias if bias is not None else torch.empty(0),
         s, dv, float(scaling), splits, *_flags(path),
+        *((pages, block_ids.long().contiguous()) if pages is not None else (_EMPTY8, _EMPTY64)),
     )
 
 

@@ -254,6 +254,14 @@ struct Options {
   bool avx512 = true;     // allow the AVX-512 paths (false: the AVX2 path, where compiled in)
 };
 
+// Operands read in place from pages (vLLM's KV pages, sparkkv/vllm/records.py): every field of K and
+// V but `chan` describes page 0 (`[1, H, S, ...]`), and batch item b reads the same bytes of page
+// ids[b], `stride` bytes per page; `chan`, the query rows and the bias stay indexed by b.
+struct Paging {
+  const int64_t* ids = nullptr;  // [B], nullptr: not paged
+  int64_t stride = 0;
+};
+
 struct Problem {
   int64_t B = 0, H = 0, S = 0, M = 0, D = 0, Dv = 0;
   int q_dtype = kF32;
@@ -263,7 +271,40 @@ struct Problem {
   int64_t bias_heads = 1;
   float scaling = 1.f;
   Options opt;
+  Paging pages;
 };
+
+inline const void* shifted(const void* ptr, int64_t bytes) {
+  return ptr ? static_cast<const uint8_t*>(ptr) + bytes : nullptr;
+}
+inline const uint8_t* shifted(const uint8_t* ptr, int64_t bytes) { return ptr ? ptr + bytes : nullptr; }
+
+// `op` with its page fields moved `bytes` on and its `chan` moved to batch item b (D floats per head)
+inline Operand on_page(Operand op, int64_t bytes, int64_t b, int64_t H) {
+  op.vals = shifted(op.vals, bytes);
+  op.keep = shifted(op.keep, bytes);
+  op.sign = shifted(op.sign, bytes);
+  op.trits = shifted(op.trits, bytes);
+  op.scale = shifted(op.scale, bytes);
+  op.q.codes = shifted(op.q.codes, bytes);
+  op.q.scale = shifted(op.q.scale, bytes);
+  op.q.zero = shifted(op.q.zero, bytes);
+  if (op.chan) op.chan += b * H * op.D;
+  return op;
+}
+
+// A paged problem's batch item b as a problem of one batch item over its own page
+inline Problem page_item(const Problem& p, int64_t b) {
+  Problem x = p;
+  const int64_t bytes = p.pages.ids[b] * p.pages.stride;
+  x.B = 1;
+  x.pages = Paging{};
+  x.K = on_page(p.K, bytes, b, p.H);
+  x.V = on_page(p.V, bytes, b, p.H);
+  x.q = shifted(p.q, b * p.H * p.M * p.D * (p.q_dtype == kF32 ? 4 : 2));
+  if (p.bias) x.bias = p.bias + b * p.bias_heads * p.S;
+  return x;
+}
 
 inline const float* bias_row(const Problem& p, int64_t bh) {
   if (!p.bias) return nullptr;
@@ -1602,22 +1643,27 @@ inline const char* decode(const Problem& p, int64_t parts, float* m_out, float* 
   int64_t total = 0;
   if (!variable_offsets(p.K, BH, p.S, parts, per, offs.k, &total)) return "flat key vals do not match the keep masks";
   if (!variable_offsets(p.V, BH, p.S, parts, per, offs.v, &total)) return "flat value vals do not match the keep masks";
+  const bool paged = p.pages.ids != nullptr;
+  if (paged && ((p.K.packed() && p.K.T < 0) || (p.V.packed() && p.V.T < 0))) return "paged operands need a fixed T";
   const bool avx = uses_avx(p), avx2 = uses_avx2(p);
   parallel_items(BH * parts, [&](int64_t item) {
-    const int64_t bh = item / parts, t0 = std::min(p.S, (item % parts) * per), t1 = std::min(p.S, t0 + per);
-    const int64_t row = bh * p.S + t0;
-    const int64_t koff = item_start(p.K, offs.k, item, row), voff = item_start(p.V, offs.v, item, row);
+    const int64_t t0 = std::min(p.S, (item % parts) * per), t1 = std::min(p.S, t0 + per);
     float* mo = m_out + item * p.M;
     float* lo = l_out + item * p.M;
     float* ao = acc_out + item * p.M * p.Dv;
+    // a paged item reads its page as batch item 0 of a one-item problem
+    const Problem local = paged ? page_item(p, item / parts / p.H) : Problem{};
+    const Problem& q = paged ? local : p;
+    const int64_t bh = paged ? item / parts % p.H : item / parts, row = bh * p.S + t0;
+    const int64_t koff = item_start(q.K, offs.k, item, row), voff = item_start(q.V, offs.v, item, row);
 #if SPARKKV_AVX512
-    if (avx) return decode_item_avx(p, bh, t0, t1, koff, voff, mo, lo, ao);
+    if (avx) return decode_item_avx(q, bh, t0, t1, koff, voff, mo, lo, ao);
 #endif
 #if SPARKKV_AVX2
-    if (avx2) return avx2::decode_item(p, bh, t0, t1, koff, voff, mo, lo, ao);
+    if (avx2) return avx2::decode_item(q, bh, t0, t1, koff, voff, mo, lo, ao);
 #endif
     (void)avx, (void)avx2;
-    decode_item_scalar(p, bh, t0, t1, koff, voff, mo, lo, ao);
+    decode_item_scalar(q, bh, t0, t1, koff, voff, mo, lo, ao);
   });
   return nullptr;
 }
@@ -1674,8 +1720,9 @@ bool shaped(const at::Tensor& t, int64_t B, int64_t H, int64_t S, int64_t last) 
   return t.dim() == 4 && t.size(0) == B && t.size(1) == H && t.size(2) == S && t.size(3) == last;
 }
 
+// `chan_batch`: the batch size of `chan` (B, except for paged operands: see Paging).
 Operand make_operand(const char* name, const std::vector<at::Tensor>& f, const std::vector<int64_t>& ints, int64_t B,
-                     int64_t H, int64_t S, int64_t D) {
+                     int64_t H, int64_t S, int64_t D, int64_t chan_batch) {
   TORCH_CHECK(f.size() == kFields && ints.size() == 5, name, ": expected ", int(kFields), " fields and 5 integers");
   for (const auto& t : f)
     TORCH_CHECK(!t.numel() || (t.is_contiguous() && t.device().is_cpu()), name, " fields must be contiguous CPU tensors");
@@ -1770,8 +1817,8 @@ Operand make_operand(const char* name, const std::vector<at::Tensor>& f, const s
     op.scale_dtype = dtype_code(scale, "scale");
   }
   if (chan.numel()) {
-    TORCH_CHECK(chan.scalar_type() == at::kFloat && chan.numel() == B * H * D, name,
-                " chan must be contiguous float32 [", B, ", ", H, ", ", D, "], got ", chan.sizes());
+    TORCH_CHECK(chan.scalar_type() == at::kFloat && chan.numel() == chan_batch * H * D, name,
+                " chan must be contiguous float32 [", chan_batch, ", ", H, ", ", D, "], got ", chan.sizes());
     op.chan = chan.data_ptr<float>();
   }
   return op;
@@ -1796,14 +1843,43 @@ sparkkv::Problem make_problem(const at::Tensor& q, int64_t S, int64_t Dv, bool p
 }
 }  // namespace
 
+// Every field but chan of a paged operand (pages given) must lie in the first page of `pages`.
+void check_in_page(const char* name, const std::vector<at::Tensor>& f, const at::Tensor& pages) {
+  const uint8_t* base = pages.data_ptr<uint8_t>();
+  for (int i = 0; i < kFields; ++i) {
+    if (i == kChan || !f[i].numel()) continue;
+    const uint8_t* ptr = static_cast<const uint8_t*>(f[i].data_ptr());
+    TORCH_CHECK(ptr >= base && ptr + f[i].nbytes() <= base + pages.size(1), name,
+                ": a paged operand's fields must be views of the first page of `pages`");
+  }
+}
+
+// pages: empty, or uint8 [P, page bytes] (rows `stride(0)` bytes apart) with block_ids int64 [B]
+// in [0, P): the operands are read in place (Paging).
 std::vector<at::Tensor> decode_partials(at::Tensor q, std::vector<at::Tensor> kf, std::vector<int64_t> ki,
                                         std::vector<at::Tensor> vf, std::vector<int64_t> vi, at::Tensor bias, int64_t S,
                                         int64_t Dv, double scaling, int64_t splits, bool portable, bool bf16_dot,
-                                        bool avx512) {
+                                        bool avx512, at::Tensor pages, at::Tensor block_ids) {
   sparkkv::Problem p = make_problem(q, S, Dv, portable, bf16_dot, avx512);
   TORCH_CHECK(splits >= 1, "splits must be >= 1, got ", splits);
-  p.K = make_operand("keys", kf, ki, p.B, p.H, S, p.D);
-  p.V = make_operand("values", vf, vi, p.B, p.H, S, Dv);
+  const bool paged = pages.numel() > 0;
+  if (paged) {
+    TORCH_CHECK(pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.stride(1) == 1 && pages.device().is_cpu(),
+                "pages must be a CPU uint8 [P, page bytes] tensor with contiguous rows, got ", pages.sizes());
+    TORCH_CHECK(block_ids.scalar_type() == at::kLong && block_ids.dim() == 1 && block_ids.is_contiguous() &&
+                    block_ids.numel() == p.B,
+                "block_ids must be a contiguous int64 [", p.B, "] tensor, got ", block_ids.sizes());
+    if (p.B) {
+      const auto lo = block_ids.min().item<int64_t>(), hi = block_ids.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < pages.size(0), "block_ids must lie in [0, ", pages.size(0), "), got [", lo, ", ", hi, "]");
+    }
+    check_in_page("keys", kf, pages);
+    check_in_page("values", vf, pages);
+    p.pages.ids = block_ids.data_ptr<int64_t>();
+    p.pages.stride = pages.stride(0);
+  }
+  p.K = make_operand("keys", kf, ki, paged ? 1 : p.B, p.H, S, p.D, p.B);
+  p.V = make_operand("values", vf, vi, paged ? 1 : p.B, p.H, S, Dv, p.B);
   p.scaling = static_cast<float>(scaling);
   if (bias.numel()) {
     TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.dim() == 3 && bias.size(0) == p.B &&
@@ -1823,7 +1899,7 @@ std::vector<at::Tensor> decode_partials(at::Tensor q, std::vector<at::Tensor> kf
 at::Tensor packed_qk(at::Tensor q, std::vector<at::Tensor> kf, std::vector<int64_t> ki, int64_t S, bool portable,
                      bool bf16_dot, bool avx512) {
   sparkkv::Problem p = make_problem(q, S, 0, portable, bf16_dot, avx512);
-  p.K = make_operand("keys", kf, ki, p.B, p.H, S, p.D);
+  p.K = make_operand("keys", kf, ki, p.B, p.H, S, p.D, p.B);
   at::Tensor out = at::empty({p.B, p.H, p.M, S}, q.options().dtype(at::kFloat));
   const char* err = sparkkv::qk(p, out.data_ptr<float>());
   TORCH_CHECK(err == nullptr, err);

@@ -4,7 +4,8 @@
 // time, which a busy shared machine disturbs less than wall time.
 //
 //   g++ -O3 -march=native -fopenmp -std=c++17 src/sparkkv/kernels/cpu_decode_bench.cpp -o /tmp/cpu_decode_bench
-//   /tmp/cpu_decode_bench [S=4096] [threads=1] [reps=20] [M=4 query rows per kv-head]
+//   /tmp/cpu_decode_bench [S=4096] [threads=1] [reps=20] [M=4 query rows per kv-head] [H=8] [D=128]
+//   (SmolLM2-135M geometry: M=3 H=3 D=64)
 //   (add -DSPARKKV_EXPAND_REGISTER to time the register-form expand instead of the memory form)
 #define SPARKKV_STANDALONE
 #include "cpu_decode.cpp"
@@ -91,7 +92,7 @@ int main(int argc, char** argv) {
   omp_set_num_threads(threads);
   const bool cpu_time = threads == 1;
   const int64_t M = argc > 4 ? std::atoll(argv[4]) : 4;
-  const int64_t B = 1, H = 8, D = 128, BH = B * H;
+  const int64_t B = 1, H = argc > 5 ? std::atoll(argv[5]) : 8, D = argc > 6 ? std::atoll(argv[6]) : 128, BH = B * H;
   std::mt19937 rng(42);
   std::normal_distribution<float> normal;
   std::vector<uint16_t> q(BH * M * D), kd(BH * S * D), vd(BH * S * D);
@@ -104,8 +105,8 @@ int main(int argc, char** argv) {
   dense_k.D = dense_k.T = D;
   Operand dense_v = dense_k;
   dense_v.vals = vd.data();
-  Packed k80 = make_packed(rng, BH * S, BH, D, 26, true), k50 = make_packed(rng, BH * S, BH, D, 64, true);
-  Packed v80 = make_packed(rng, BH * S, BH, D, 26, false);
+  Packed k80 = make_packed(rng, BH * S, BH, D, D - D * 4 / 5, true);
+  Packed k50 = make_packed(rng, BH * S, BH, D, D / 2, true), v80 = make_packed(rng, BH * S, BH, D, D - D * 4 / 5, false);
   struct Case {
     const char* name;
     Operand K, V;
@@ -113,7 +114,7 @@ int main(int argc, char** argv) {
                {"K80 + dense V", k80.op, dense_v},
                {"K50 + dense V", k50.op, dense_v},
                {"K80 + V80", k80.op, v80.op}};
-  std::printf("S=%lld, M=%lld, %d thread(s), %s; expand form: %s\n", (long long)S, (long long)M, threads,
+  std::printf("S=%lld, H=%lld, D=%lld, M=%lld, %d thread(s), %s; expand form: %s\n", (long long)S, (long long)H, (long long)D, (long long)M, threads,
               cpu_time ? "thread CPU time" : "wall time", expand_form());
   std::printf("%-18s %-9s %12s %12s %14s\n", "case", "path", "ns/token-head", "logits only", "rel err vs scalar");
   for (const Case& c : cases) {

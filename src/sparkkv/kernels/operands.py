@@ -110,8 +110,11 @@ def _codes(q: QuantizedTensor) -> dict:
 
 
 def fields(x) -> Fields | None:
-    """The flat description of operand `x` (a dense tensor, `PackedTensor` or `QuantizedTensor`),
-    or None for anything else."""
+    """The flat description of operand `x` (a dense tensor, `PackedTensor` or `QuantizedTensor`;
+    a `Fields` is its own description: operands read in place, `vllm/records.py`), or None for
+    anything else."""
+    if isinstance(x, Fields):
+        return x
     if isinstance(x, torch.Tensor):
         return Fields(tuple(x.shape), x.dtype, x.device, x, vals=x, fixed_t=x.shape[-1] if x.dim() == 4 else None)
     if isinstance(x, QuantizedTensor):

@@ -309,8 +309,9 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
 
     def _decode_batch(self, layout: RecordLayout, pages, m: SparKMetadata, reqs: list[int], query, key, value, out,
                       recent: dict[int, Recent]) -> list[int]:
-        """One decode token for each request of `reqs`, all at once: one gather of their pages (an
-        `index_select` per field), one fused-kernel call with one batch item per page (pages padded to
+        """One decode token for each request of `reqs`, all at once: one fused-kernel call with one
+        batch item per page, reading the pages in place through the block table (the C++ kernel) or
+        from one gather of them (an `index_select` per field, for Triton) (pages padded to
         the longest request; slots past a request's stored tokens and the tokens its ring holds masked
         by the bias), one dense partial over the rings and the new tokens, a log-sum-exp merge, one
         `compress_keys` call for the new keys. Returns the requests it could not take (pages with
@@ -336,9 +337,13 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
         # one kernel batch item per page (R * nb items of bs tokens; no transposing copy of the pages),
         # each item's partials then merged per request with the exact tokens' by log-sum-exp
         n_req = len(reqs)
-        fields = layout.gather_pages(pages, table.reshape(-1))
-        keys = layout.keys_operand(fields, None if chan is None else chan.repeat_interleave(nb, 0))
-        values = layout.values_operand(fields)
+        chan_items = None if chan is None else chan.repeat_interleave(nb, 0)
+        if self._path == "cpu":  # the C++ kernel reads the pages in place, through the block table
+            keys, values = layout.page_operands(pages, chan_items)
+            in_place = dict(pages=pages, block_ids=table.reshape(-1))
+        else:
+            fields = layout.gather_pages(pages, table.reshape(-1))
+            keys, values, in_place = layout.keys_operand(fields, chan_items), layout.values_operand(fields), {}
         rings = [recent.get(r) for r in reqs]
         filled = [ring.filled if ring is not None else 0 for ring in rings]
         from_records = torch.tensor([p - c for p, c in zip(priors, filled)], device=dev)
@@ -353,7 +358,8 @@ class SparKAttentionImpl(AttentionImpl[SparKMetadata]):
             from ..kernels.cpu import decode_partials
         from ..kernels.reference import merge_partials
 
-        pm, pl, pacc = decode_partials(rows.repeat_interleave(nb, 0), keys, values, self.scale, bias=bias.view(n_req * nb, 1, bs))
+        pm, pl, pacc = decode_partials(rows.repeat_interleave(nb, 0), keys, values, self.scale, bias=bias.view(n_req * nb, 1, bs),
+                                       **in_place)
         sp = pm.shape[2]  # [R * nb, H, sp, G] -> [R, H, nb * sp, G]
         part = tuple(x.view(n_req, nb, h, sp, *x.shape[3:]).transpose(1, 2).reshape(n_req, h, nb * sp, *x.shape[3:])
                      for x in (pm, pl, pacc))

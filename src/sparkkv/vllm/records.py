@@ -257,6 +257,38 @@ class RecordLayout:
         `compress_values` output (finite by their checks) is ever written."""
         return {r.name: self._take(pages, r, block_ids).view(r.dtype) for r in self.regions}
 
+    def page_operands(self, pages: torch.Tensor, chan: torch.Tensor | None):
+        """The keys and values of page 0 of `pages`, in place, as the fused CPU kernel reads them with
+        `block_ids` (`kernels.cpu.decode_partials(..., pages=pages, block_ids=...)`): `operands.Fields`
+        whose tensors are views `[1, H, block_size, elems]` of page 0 (no copy; `PackedTensor` would
+        compact them), `chan` float32 `[R, H, D]` (one per kernel batch item) or None. Describes the
+        same operands as `keys_operand` / `values_operand` over `gather_pages` (tested)."""
+        from ..kernels.operands import Fields
+
+        h, bs, dev = self.num_kv_heads, self.block_size, pages.device
+        f = {}
+        for r in self.regions:
+            raw = pages[0, r.offset : r.offset + r.nbytes]
+            f[r.name] = raw.view(r.dtype).view(1, h, bs, r.elems)
+        if self.key_codec == "dense":
+            keys = Fields((1, h, bs, self.head_dim), self.dtype, dev, None, vals=f["k"], fixed_t=self.head_dim)
+        else:
+            keys = Fields((1, h, bs, self.head_dim), self.dtype, dev, None, vals=f["k_vals"], fixed_t=self.kept,
+                          keep=f["k_keep"], sign=f.get("k_sign"), chan=chan,
+                          scale=f["k_scale"].view(1, h, bs) if "k_scale" in f else None)
+        shape = (1, h, bs, self.head_dim_v)
+        if self.value_codec == "dense":
+            return keys, Fields(shape, self.dtype, dev, None, vals=f["v"], fixed_t=self.head_dim_v)
+        config = self.config
+        quant = {}
+        if config.value_bits < 16:
+            quant = dict(codes=f["v_codes"], qscale=f["v_qscale"], qzero=f["v_qzero"], bits=config.value_bits,
+                         group=config.quant_group_size)
+        if self.value_codec == "quant":
+            return keys, Fields(shape, self.dtype, dev, None, fixed_t=self.head_dim_v, **quant)
+        pruned = dict(keep=f["v_keep"], scale=f["v_scale"].view(1, h, bs), fixed_t=self.kept_v)
+        return keys, Fields(shape, self.dtype, dev, None, vals=f.get("v_vals"), **pruned, **quant)
+
     def keys_operand(self, fields: dict[str, torch.Tensor], chan: torch.Tensor | None):
         """Per-field tensors from `gather` (`[H, S, e]`) or `gather_pages` (`[R, H, S, e]`) -> the keys
         as `PackedTensor [R, H, S, D]` (R = 1 for `gather`; dense `[R, H, S, D]` for `method="dense"`).
