@@ -33,10 +33,11 @@ every key in the page were computed from the same `qn`, so a page shared by pref
 same in every request that reads it. `qn` is written by the first write into a page; later tokens
 written into the same page are compressed with the `qn` already there (see `backend.py`).
 
-Field-major, head-major regions make per-field reads cheap: a request's pages of one region are
-whole contiguous chunks (`H * block_size * elems`), gathered with one `index_select`; the decode
-kernel takes them as they come, one batch item per page (`gather_pages`), and the per-request path
-transposes them once into `PackedTensor`'s `[H, S, X]` (`gather`).
+Field-major, head-major regions make per-field reads cheap: a page's region is one contiguous
+`[H, block_size, elems]` array, so the fused C++ kernel reads every page where it lies, one batch item
+per page, through the block ids (`page_operands`: views of page 0 that the kernel moves to each
+page); the Triton path gathers the same chunks with one `index_select` per field (`gather_pages`), and
+the per-request path transposes them once into `PackedTensor`'s `[H, S, X]` (`gather`).
 
 Value codecs ("dense", "pruned", "quant", "pruned+quant", picked by `_value_codec`): each has its
 regions in `_value_fields`, its encoder in `encode_values` and its reader in `values_operand`; nothing
