@@ -1371,16 +1371,32 @@ struct Rows {
       s = o.sign ? o.sign + row * o.d8() : nullptr;
       n = o.T >= 0 ? o.T : popcount_bytes(k, o.d8());
     }
+    // raw kept values are read straight from the operand where 8 lanes past the row stay inside
+    // it (a staging copy would be re-read by overlapping loads: store-forwarding stalls); else staged
+    if (!o.quantized() && off + n + 8 <= o.count) {
+      switch (o.dtype) {
+        case kF32: return expand(o, row, k, s, nullptr, [&](int64_t p) { return load8<kF32>(o.vals, off + p); }, out);
+        case kBF16: return expand(o, row, k, s, nullptr, [&](int64_t p) { return load8<kBF16>(o.vals, off + p); }, out);
+        default: return expand(o, row, k, s, nullptr, [&](int64_t p) { return load8<kF16>(o.vals, off + p); }, out);
+      }
+    }
     values(row, off, n, kv.data());
+    const float* qs = o.quantized() && o.q.channel ? ts.s.data() : nullptr;  // per-channel scales of the row's group
+    expand(o, row, k, s, qs, [&](int64_t p) { return _mm256_loadu_ps(kv.data() + p); }, out);
+  }
+
+  // out[c] = the row's stored value of channel c (kept lanes, read by `load(p)`: 8 values from the
+  // p-th stored one) or its fill (the others)
+  template <class Load>
+  inline void expand(const Operand& o, int64_t row, const uint8_t* k, const uint8_t* s, const float* qs, Load load, float* out) {
     const Tables& tab = tables();
     const __m256 sv = _mm256_set1_ps(o.scale_at(row));
     const float* chp = chan.empty() ? nullptr : chan.data();
-    const float* qs = o.quantized() && o.q.channel ? ts.s.data() : nullptr;  // per-channel scales of the row's group
     int64_t p = 0;
     for (int64_t c = 0; c < o.D; c += 8) {
       const unsigned b = k[c >> 3];
       const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(tab.perm[b]));
-      __m256 x = _mm256_permutevar8x32_ps(_mm256_loadu_ps(kv.data() + p), perm);
+      __m256 x = _mm256_permutevar8x32_ps(load(p), perm);
       if (qs) x = _mm256_mul_ps(x, _mm256_loadu_ps(qs + c));
       __m256 f = _mm256_setzero_ps();
       if (fill) {
