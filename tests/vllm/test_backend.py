@@ -176,6 +176,31 @@ def test_chunked_prefill_pages_keep_their_first_qn(monkeypatch, seed):
     assert (out[0].double() - ref).norm() / ref.norm() < 2e-2
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("length,h,g,d", [(1, 2, 4, 64), (37, 3, 3, 64), (129, 1, 8, 128), (300, 8, 1, 64), (257, 4, 2, 32)])
+def test_prompt_through_vllm_cpu_kernel_matches_float64(seed, dtype, tol, length, h, g, d):
+    """The CPU paths' prompt attention (vLLM's own CPU kernel over a scratch dense cache) against
+    float64 causal attention: odd lengths, one and several pages, GQA groups 1 / 2 / 3 / 4 / 8."""
+    from sparkkv.vllm.backend import _stock_prompt_attention, _stock_prompt_serves
+
+    q = torch.randn(length, h * g, d).to(dtype)
+    k, v = torch.randn(length, h, d).to(dtype), torch.randn(length, h, d).to(dtype)
+    assert _stock_prompt_serves(q)
+    out = _stock_prompt_attention(q, k, v, d**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    f = lambda t: t.transpose(0, 1).unsqueeze(0).double()  # noqa: E731
+    ref = torch.nn.functional.scaled_dot_product_attention(f(q), f(k), f(v), is_causal=True, scale=d**-0.5, enable_gqa=True)
+    err = (out.double() - ref[0].transpose(0, 1)).norm() / ref.norm()
+    assert err < tol, float(err)
+
+
+def test_prompt_path_falls_back_where_vllm_kernel_does_not_serve():
+    from sparkkv.vllm.backend import _stock_prompt_serves
+
+    assert not _stock_prompt_serves(torch.zeros(4, 2, 40))  # head size CPU_ATTN does not serve
+    assert not _stock_prompt_serves(torch.zeros(4, 2, 64, dtype=torch.float64))
+
+
 def test_page_size_follows_records(monkeypatch):
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
