@@ -546,9 +546,7 @@ def _stock_prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     the prompt's keys and values are written into a scratch dense cache of
     `ceil(L / _STOCK_PROMPT_BLOCK)` pages by vLLM's `cpu_attn_reshape_and_cache` (so the kernel's
     layout stays vLLM's), then attended as one request. A prompt's own tokens are dense in hand, so
-    SparK changes nothing here: stock's prompt kernel is faster on CPU than float32 SDPA (a
-    2,048-token SmolLM2 prompt: 61 vs 81 ms per layer on one Zen 4 core, docs/vllm.md) and matches
-    stock's prompt numerics."""
+    SparK changes nothing here; where this is used instead of SDPA, and why: `_stock_prompt_preferred`."""
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
