@@ -39,6 +39,26 @@ def test_fused_equals_reference(seed, dtype, d, saliency, recovery):
             assert ((got - want).norm() / want.norm()).item() < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [16, 64, 128])
+def test_fused_tie_rule_equals_reference(seed, dtype, d):
+    """Keys drawn from a few values and a flat qn: many channels tie at the threshold, so the rule
+    "ties go to the lower channel" decides most rows (the kernel's slow tie path), and rows where
+    every tied channel fits (its fast path) occur too; row counts not a multiple of the kernel's
+    block of 8 rows."""
+    b, h, s = 2, 3, 29
+    keys = torch.randint(-3, 4, (b, h, s, d)).to(dtype)
+    keys[0, 0, 0] = 0  # a row of equal saliencies only
+    qn = torch.ones(b, h, d)
+    qn[:, 1, ::3] = 0.5
+    for ratio in (0.3, 0.5, 0.8, 0.9):
+        cfg = SparKConfig(key_prune_ratio=ratio)
+        fused = compress_keys(keys, None, cfg, qn=qn, kernel="cpu")
+        ref = compress_keys(keys, None, cfg, qn=qn, kernel="torch")
+        assert torch.equal(fused.keep, ref.keep) and torch.equal(fused.vals, ref.vals) and torch.equal(fused.sign, ref.sign)
+        assert torch.allclose(fused.scale.float(), ref.scale.float(), rtol=2e-3, atol=1e-6)
+
+
 def test_nan_key_stays_kept(seed):
     """Inside a cache (the unchecked core; the public function refuses NaN) a NaN key is kept."""
     from sparkkv.method import _compress_keys, window_query_norm

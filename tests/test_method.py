@@ -208,3 +208,26 @@ def test_bad_inputs_are_rejected():
         compress_keys(torch.randn(2, 5, 16), torch.randn(1, 2, 3, 16))
     with pytest.raises(ValueError, match="do not match"):
         compress_keys(torch.randn(1, 2, 5, 16), torch.randn(2, 2, 3, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_public_functions_refuse_non_finite_input_and_count_it(seed, dtype, bad):
+    """compress_keys / compress_values refuse NaN/inf anywhere in their tensors (docs/nonfinite.md),
+    naming the argument and the number of bad entries; finite input of any magnitude passes."""
+    keys, queries = rand_inputs(2, 2, 2, 37, 4, 64, dtype)
+    cfg = SparKConfig(key_prune_ratio=0.5, window_size=4)
+    n = int(torch.randint(1, 4, ()).item())
+    where = torch.randperm(keys.numel())[:n]
+    for name, call in (("keys", lambda k: compress_keys(k, queries, cfg)), ("values", lambda v: compress_values(v, 0.5))):
+        x = keys.clone()
+        x.view(-1)[where] = bad
+        with pytest.raises(ValueError, match=rf"{name} holds {n} NaN/inf entr(y|ies)"):
+            call(x)
+    huge = keys.clone()
+    huge.view(-1)[where] = torch.finfo(dtype).max  # finite extremes are not refused
+    compress_values(huge, 0.5)
+    qn = window_query_norm(queries, 2)
+    qn[1, 0, 3] = abs(bad)  # qn is a norm: NaN or +inf
+    with pytest.raises(ValueError, match=r"qn holds 1 NaN/inf entry"):
+        compress_keys(keys, None, cfg, qn=qn)

@@ -225,3 +225,24 @@ def test_kernel_refuses_bad_pages():
         cpu.decode_partials(rows, k_far, v_in, 0.125, pages=pages, block_ids=torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match=r"chan must be contiguous float32 \[2, 2, 64\]"):
         cpu.decode_partials(rows, layout.page_operands(pages, chan[:1])[0], v_in, 0.125, pages=pages, block_ids=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("fields", [{"key_prune_ratio": 0.8}, {"key_prune_ratio": 0.8, "value_bits": 4},
+                                    {"key_prune_ratio": 0.8, "value_prune_ratio": 0.5}, {"method": "dense"}])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_encode_refuses_non_finite_input(seed, fields, bad):
+    """Nothing non-finite reaches a page (a record outlives its request: a reused page's stale slots
+    are read and masked by a -inf bias, which a NaN would defeat): keys, qn and values are checked."""
+    config = sparkkv.SparKConfig(**fields)
+    layout = RecordLayout.create(config, 3, 64, block_size=16, dtype=torch.bfloat16)
+    keys, values = torch.randn(5, 3, 64).bfloat16(), torch.randn(5, 3, 64).bfloat16()
+    qn = torch.rand(3, 64)
+    for name, tensor in (("keys", keys), ("qn", qn), ("values", values)):
+        if name != "values" and layout.key_codec == "dense":
+            continue
+        bad_tensor = tensor.clone()
+        bad_tensor.view(-1)[int(torch.randint(tensor.numel(), ()))] = bad
+        args = {"keys": keys, "qn": qn, "values": values, name: bad_tensor}
+        with pytest.raises(ValueError, match=f"{name} holds 1 NaN/inf entry"):
+            layout.encode_keys(args["keys"], args["qn"] if layout.key_codec == "spark" else None)
+            layout.encode_values(args["values"])

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SparKConfig
-from ..method import compress_keys, compress_values
+from ..method import _check_finite, _compress_keys, _compress_values, compress_keys, compress_values
 from ..packed import PackedTensor, scale_dtype
 from ..quant import QuantizedTensor
 
@@ -178,14 +178,19 @@ class RecordLayout:
         """Keys `[N, H, D]` compressed with `qn` float32 `[H, D]` (one for all N tokens) or `[N, H, D]`
         (one per token: decode steps of N requests) -> field name -> `[N, H, elems]`.
 
-        Runs `sparkkv.compress_keys` (the library's SparK; this module only places its fields)."""
+        Runs the library's SparK (`method._compress_keys`, the core of `sparkkv.compress_keys`, as the
+        transformers cache calls it), after the one check the records need: keys and qn finite
+        (`method._check_finite`), since a record outlives its request in a reused page; the rest of
+        `compress_keys`' argument checks hold by construction here. This module only places fields."""
         if self.key_codec == "dense":
             return {"k": keys.to(self.dtype)}
+        _check_finite("keys", keys)
+        _check_finite("qn", qn)
         if qn.dim() == 3:  # batch of one-token rows: [N, H, 1, D]
-            packed = compress_keys(keys.to(self.dtype).unsqueeze(2), None, self.config, qn=qn)
+            packed = _compress_keys(keys.to(self.dtype).unsqueeze(2), qn.float(), self.config)
             row = lambda t: t[:, :, 0]  # noqa: E731
         else:
-            packed = compress_keys(keys.to(self.dtype).transpose(0, 1).unsqueeze(0), None, self.config, qn=qn.unsqueeze(0))
+            packed = _compress_keys(keys.to(self.dtype).transpose(0, 1).unsqueeze(0), qn.unsqueeze(0).float(), self.config)
             row = lambda t: t[0].transpose(0, 1)  # noqa: E731
         out = {"k_vals": row(packed.vals), "k_keep": row(packed.keep)}
         if "k_sign" in self._names:
@@ -196,10 +201,12 @@ class RecordLayout:
 
     def encode_values(self, values: torch.Tensor, rows: bool = False) -> dict[str, torch.Tensor]:
         """Values `[N, H, Dv]` -> field name -> `[N, H, elems]`: dense, quantized per token
-        (`QuantizedTensor.quantize`, axis "row"), or `sparkkv.compress_values` (its statistics see the
+        (`QuantizedTensor.quantize`, axis "row"), or `method._compress_values` (`sparkkv.compress_values`'
+        core, after the finite check; its statistics see the
         N tokens as one sequence, or each token alone when `rows`: the decode tokens of N requests),
         its kept values then quantized as the library's value packer does (`policies.py`)."""
         v = values.to(self.dtype)
+        _check_finite("values", v)
         if self.value_codec == "dense":
             return {"v": v}
         config = self.config
@@ -208,7 +215,7 @@ class RecordLayout:
         if self.value_codec == "quant":
             q = QuantizedTensor.quantize(seq(v), config.value_bits, config.quant_group_size, "row")
             return {"v_codes": row(q.codes), "v_qscale": row(q.scale), "v_qzero": row(q.zero)}
-        packed = compress_values(seq(v), config.value_prune_ratio)
+        packed = _compress_values(seq(v), config.value_prune_ratio)
         if self.value_codec == "pruned+quant":
             packed = packed.with_quantized_vals(config.value_bits, config.quant_group_size, symmetric=False)
         out = {"v_keep": row(packed.keep), "v_scale": row(packed.scale.unsqueeze(-1))}
@@ -217,11 +224,13 @@ class RecordLayout:
         q = packed.vals
         return {"v_codes": row(q.codes), "v_qscale": row(q.scale), "v_qzero": row(q.zero), **out}
 
-    def write(self, pages: torch.Tensor, page_idx: torch.Tensor, offsets: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
+    def write(self, pages: torch.Tensor, page_idx: torch.Tensor, offsets: torch.Tensor, fields: dict[str, torch.Tensor],
+              slices: bool = True) -> None:
         """Write records: token i goes to page `page_idx[i]`, slot `offsets[i]` (int64 `[N]`).
-        Tokens that fill consecutive slots of one page (a prompt) are copied as slices."""
+        Tokens that fill consecutive slots of one page (a prompt) are copied as slices; `slices=False`
+        skips looking for them (one token per request: a batched decode step)."""
         n = page_idx.shape[0]
-        if n > 8:
+        if slices and n > 8:
             cuts = torch.nonzero((page_idx[1:] != page_idx[:-1]) | (offsets[1:] != offsets[:-1] + 1)).flatten() + 1
             bounds = [0] + cuts.tolist() + [n]
             if len(bounds) - 1 <= n // 8:
@@ -254,8 +263,8 @@ class RecordLayout:
         `[N, H, block_size, elems]`, one `index_select` copy per field (no transpose: a region is
         head-major). The decode kernel takes these directly, one batch item per page; slots a page
         does not hold yet carry whatever the page holds there, for the caller to mask (a bias of
-        -inf). They are finite: vLLM zero-fills the KV memory and only `compress_keys` /
-        `compress_values` output (finite by their checks) is ever written."""
+        -inf). They are finite: vLLM zero-fills the KV memory and only `encode_keys` / `encode_values`
+        output (of inputs they checked finite) is ever written."""
         return {r.name: self._take(pages, r, block_ids).view(r.dtype) for r in self.regions}
 
     def page_operands(self, pages: torch.Tensor, chan: torch.Tensor | None):
