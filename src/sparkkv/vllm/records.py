@@ -182,9 +182,9 @@ class RecordLayout:
         transformers cache calls it), after the one check the records need: keys and qn finite
         (`method._check_finite`), since a record outlives its request in a reused page; the rest of
         `compress_keys`' argument checks hold by construction here. This module only places fields."""
+        _check_finite("keys", keys)
         if self.key_codec == "dense":
             return {"k": keys.to(self.dtype)}
-        _check_finite("keys", keys)
         _check_finite("qn", qn)
         if qn.dim() == 3:  # batch of one-token rows: [N, H, 1, D]
             packed = _compress_keys(keys.to(self.dtype).unsqueeze(2), qn.float(), self.config)
